@@ -1,0 +1,136 @@
+"""MoEConfig: one frozen, validated description of an MoE block.
+
+Every field is checked in `__post_init__`; checks that need the device mesh live
+in `validate_for_mesh`. Errors name the field, its value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+ROUTERS = ("softmax", "sigmoid_grouped")
+STRATEGIES = ("flat", "flat_dedup", "hier", "hier_dedup")
+EXPERT_COMPUTE = ("einsum", "ragged_dot")
+PERMUTE_IMPLS = ("xla", "pallas")
+ALL_TO_ALL_IMPLS = ("padded", "ragged")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(field: str, value: Any, valid: str) -> None:
+  raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {valid}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Hyper-parameters of one MoE block (routed SwiGLU experts + optional shared).
+
+  Routing follows the published definitions (see DESIGN.md section 3):
+  `router="softmax"` is Mixtral / Qwen-MoE top-k; `router="sigmoid_grouped"` is
+  DeepSeek-V3 (sigmoid scores, selection bias, group-limited top-k, scaling).
+  """
+
+  d_model: int
+  d_ff: int
+  num_experts: int
+  top_k: int
+  router: str = "softmax"
+  norm_topk_prob: bool = False
+  n_group: int = 1
+  topk_group: int = 1
+  routed_scaling_factor: float = 1.0
+  n_shared_experts: int = 0
+  shared_d_ff: int | None = None  # per shared expert; defaults to d_ff
+  shared_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w) scales the shared output
+  capacity_factor: float = 1.25
+  dropless: bool = False
+  dispatch: str = "flat"
+  dtype: str = "float32"  # compute dtype of expert FFNs and token exchange
+  param_dtype: str = "float32"
+  load_balance_weight: float = 0.0
+  z_loss_weight: float = 0.0
+  bias_update_rate: float = 0.0  # DeepSeek aux-loss-free update speed u
+  expert_compute: str = "einsum"  # or "ragged_dot" (grouped matmul)
+  permute_impl: str = "xla"  # local gather/scatter: "xla" or "pallas" kernels
+  all_to_all: str = "padded"  # "ragged" uses jax.lax.ragged_all_to_all on GPU
+
+  def __post_init__(self):
+    # Normalise dtypes given as jnp dtypes to their names (keeps the config hashable).
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      try:
+        canonical = jnp.dtype(value).name
+      except TypeError:
+        canonical = str(value)
+      if canonical not in DTYPES:
+        _fail(name, value, f"must be one of {DTYPES}")
+      object.__setattr__(self, name, canonical)
+
+    for name in ("d_model", "d_ff", "num_experts", "top_k", "n_group", "topk_group"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(name, value, "must be an integer >= 1")
+    if self.top_k > self.num_experts:
+      _fail("top_k", self.top_k, f"must satisfy 1 <= top_k <= num_experts={self.num_experts}")
+    if self.router not in ROUTERS:
+      _fail("router", self.router, f"must be one of {ROUTERS}")
+    if self.num_experts % self.n_group:
+      _fail("n_group", self.n_group, f"must divide num_experts={self.num_experts}")
+    if self.topk_group > self.n_group:
+      _fail("topk_group", self.topk_group, f"must be <= n_group={self.n_group}")
+    per_group = self.num_experts // self.n_group
+    if self.topk_group * per_group < self.top_k:
+      _fail("topk_group", self.topk_group,
+            f"topk_group * experts per group ({per_group}) must be >= top_k={self.top_k}")
+    if self.router == "softmax" and self.n_group != 1:
+      _fail("n_group", self.n_group, "group-limited routing needs router='sigmoid_grouped'; "
+            "use n_group=1 with router='softmax'")
+    if self.n_group > 1 and per_group < 2:
+      # A group's score is the sum of its top-2 expert scores (DeepSeek-V3).
+      _fail("n_group", self.n_group,
+            f"needs >= 2 experts per group (num_experts={self.num_experts})")
+    if not self.routed_scaling_factor > 0:
+      _fail("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+    if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+      _fail("n_shared_experts", self.n_shared_experts, "must be an integer >= 0")
+    if self.shared_d_ff is not None and (not isinstance(self.shared_d_ff, int)
+                                         or self.shared_d_ff < 1):
+      _fail("shared_d_ff", self.shared_d_ff, "must be None or an integer >= 1")
+    if self.shared_gate and self.n_shared_experts == 0:
+      _fail("shared_gate", self.shared_gate, "needs n_shared_experts >= 1")
+    if not self.capacity_factor > 0:
+      _fail("capacity_factor", self.capacity_factor, "must be > 0 (or set dropless=True)")
+    if self.dispatch not in STRATEGIES:
+      _fail("dispatch", self.dispatch, f"must be one of {STRATEGIES}")
+    for name in ("load_balance_weight", "z_loss_weight", "bias_update_rate"):
+      if not getattr(self, name) >= 0:
+        _fail(name, getattr(self, name), "must be >= 0")
+    if self.bias_update_rate > 0 and self.router != "sigmoid_grouped":
+      _fail("bias_update_rate", self.bias_update_rate,
+            "the aux-loss-free bias applies to router='sigmoid_grouped' only")
+    if self.expert_compute not in EXPERT_COMPUTE:
+      _fail("expert_compute", self.expert_compute, f"must be one of {EXPERT_COMPUTE}")
+    if self.permute_impl not in PERMUTE_IMPLS:
+      _fail("permute_impl", self.permute_impl, f"must be one of {PERMUTE_IMPLS}")
+    if self.all_to_all not in ALL_TO_ALL_IMPLS:
+      _fail("all_to_all", self.all_to_all, f"must be one of {ALL_TO_ALL_IMPLS}")
+
+  @property
+  def shared_width(self) -> int:
+    """Hidden width of the merged shared-expert FFN (0 when there is none)."""
+    return self.n_shared_experts * (self.shared_d_ff or self.d_ff)
+
+  def replace(self, **changes) -> "MoEConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_hf(cls, config: Mapping[str, Any], **overrides) -> "MoEConfig":
+    """Reads the MoE fields of a Hugging Face `config.json` (as a dict).
+
+    Supports Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3, applying each
+    family's conventions. Keyword overrides (e.g. `dispatch="hier_dedup"`) win.
+    """
+    from hiermoe_jax.hf_config import moe_fields_from_hf
+    return cls(**{**moe_fields_from_hf(config), **overrides})

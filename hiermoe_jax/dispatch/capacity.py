@@ -1,0 +1,73 @@
+"""Static buffer sizes of every stage of a strategy.
+
+Each hop has a capacity C: the rows one device may send to one peer. The expert
+stage has a capacity per local expert. `capacity_factor` scales the expected
+load under uniform top-k routing (K distinct experts drawn uniformly); `dropless`
+takes the worst case, so nothing can be dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from hiermoe_jax.dispatch.base import Strategy
+from hiermoe_jax.mesh import MeshShape
+
+
+def hit_probability(num_experts: int, top_k: int, group_size: int) -> float:
+  """P(a token's top-k experts include at least one of `group_size` given experts)."""
+  miss = math.comb(num_experts - group_size, top_k) / math.comb(num_experts, top_k)
+  return 1.0 - miss
+
+
+def tier_peers(tier: str, shape: MeshShape) -> int:
+  return {"device": shape.devices, "node": shape.nodes, "local": shape.local}[tier]
+
+
+def tier_group_size(tier: str, shape: MeshShape, num_experts: int) -> int:
+  """Experts held by one destination peer of a hop over `tier`."""
+  return num_experts // tier_peers("device" if tier == "local" else tier, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacities:
+  hops: tuple[int, ...]  # rows per (device, peer) for each hop
+  expert: int  # rows per local expert at the expert stage
+
+
+def capacities(strategy: Strategy, *, tokens: int, top_k: int, num_experts: int,
+               shape: MeshShape, capacity_factor: float, dropless: bool) -> Capacities:
+  """Per-hop and per-expert buffer sizes; `tokens` is T, tokens per device."""
+  t, k, e = tokens, top_k, num_experts
+  experts_per_device = e // shape.devices
+
+  def size(expected: float, worst: int) -> int:
+    return worst if dropless else max(1, min(worst, math.ceil(capacity_factor * expected)))
+
+  hops = []
+  rows_in = t  # rows arriving at the current hop's sender, worst case
+  for i, tier in enumerate(strategy.tiers):
+    peers = tier_peers(tier, shape)
+    group = tier_group_size(tier, shape, e)
+    if i == 0:
+      if strategy.dedup:
+        expected, worst = t * hit_probability(e, k, group), t
+      else:
+        expected, worst = t * k / peers, t * min(k, group)
+    else:
+      # Second hop ("local" after "node"): rows arrive from every node.
+      sources = shape.nodes
+      if strategy.dedup:
+        expected = sources * t * hit_probability(e, k, experts_per_device)
+        worst = min(rows_in, sources * t)
+      else:
+        expected = t * k / peers
+        worst = min(rows_in, sources * t * min(k, experts_per_device))
+    cap = size(expected, worst)
+    hops.append(cap)
+    rows_in = tier_peers(tier, shape) * cap
+  # Expert stage: a row carries an expert at most once, and so does a token.
+  expert_expected = t * k / experts_per_device
+  expert_worst = min(rows_in, shape.devices * t)
+  return Capacities(tuple(hops), size(expert_expected, expert_worst))

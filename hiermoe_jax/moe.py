@@ -1,0 +1,164 @@
+"""The functional core: `moe_apply(params, x, config=, mesh=) -> (y, aux)`.
+
+Routing runs on the token-sharded batch under jit; the token exchange, expert
+compute and combine run per device inside `jax.shard_map` over the
+("node", "local") mesh, with the strategy named by `config.dispatch`.
+Legend: T tokens, K top-k, E experts, D model dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from hiermoe_jax import mesh as mesh_lib
+from hiermoe_jax import routing as routing_lib
+from hiermoe_jax.config import MoEConfig
+from hiermoe_jax.dispatch import exchange, get_strategy
+from hiermoe_jax.dispatch.capacity import capacities
+from hiermoe_jax.experts import shared_experts
+from hiermoe_jax.mesh import LOCAL, NODE, MeshShape
+from hiermoe_jax.validate import validate_for_mesh, validate_placement, validate_tokens
+
+ALL = (NODE, LOCAL)
+
+
+@flax.struct.dataclass
+class MoEAux:
+  """Losses and statistics of one MoE call, reduced over all devices.
+
+  `aux_loss` is the weighted sum to add to the training loss. Traffic counts
+  only rows that leave their device: "inter" crosses nodes, "intra" stays in one.
+  """
+  aux_loss: jax.Array
+  load_balance_loss: jax.Array
+  z_loss: jax.Array
+  expert_counts: jax.Array  # [E] (token, expert) pairs per logical expert
+  dropped: jax.Array  # (token, expert) pairs dropped at any stage
+  dropped_by_stage: dict[str, jax.Array]  # per hop tier and "expert"
+  rows: dict[str, jax.Array]  # {"inter", "intra"} rows sent, summed over devices
+  max_rows_per_peer: dict[str, jax.Array]  # {"inter", "intra"} max over (device, peer)
+  dedup_rate: dict[str, jax.Array]  # {"node", "device"} copies removed by dedup
+  strategy: str = flax.struct.field(pytree_node=False, default="flat")
+
+
+def inverse_placement(placement, num_experts: int):
+  """slot_of[logical expert] = physical slot holding it."""
+  if placement is None:
+    return jnp.arange(num_experts, dtype=jnp.int32)
+  return jnp.argsort(jnp.asarray(placement, jnp.int32)).astype(jnp.int32)
+
+
+def dedup_rates(ids_TK, *, experts_per_group: int) -> jax.Array:
+  """Fraction of (token, expert) copies removed by sending once per group."""
+  group_TK = ids_TK // experts_per_group
+  sorted_TK = jnp.sort(group_TK, axis=-1)
+  distinct = jnp.sum(1 + jnp.sum(sorted_TK[:, 1:] != sorted_TK[:, :-1], axis=-1))
+  return 1.0 - distinct / ids_TK.size
+
+
+def _traffic(hop_stats, tiers, shape: MeshShape):
+  """Per-device inter/intra rows and per-peer maxima from the hops' send counts."""
+  zero = jnp.int32(0)
+  rows = {"inter": zero, "intra": zero}
+  peak = {"inter": zero, "intra": zero}
+  for tier, stats in zip(tiers, hop_stats):
+    counts_P = stats.rows_to_peer_P
+    peers = jnp.arange(counts_P.shape[0])
+    if tier == "device":
+      me = jax.lax.axis_index(ALL)
+      classes = {"inter": peers // shape.local != me // shape.local,
+                 "intra": (peers // shape.local == me // shape.local) & (peers != me)}
+    else:
+      me = jax.lax.axis_index(NODE if tier == "node" else LOCAL)
+      classes = {("inter" if tier == "node" else "intra"): peers != me}
+    for name, mask in classes.items():
+      rows[name] = rows[name] + jnp.sum(jnp.where(mask, counts_P, 0))
+      peak[name] = jnp.maximum(peak[name], jnp.max(jnp.where(mask, counts_P, 0)))
+  return rows, peak
+
+
+def _device_step(x_TD, slots_TK, w_TK, expert_params, *, config, strategy, caps, layout):
+  y_TD, stats = exchange.run(x_TD, slots_TK, w_TK, expert_params, strategy=strategy,
+                             caps=caps, layout=layout)
+  rows, peak = _traffic(stats.hops, strategy.tiers, layout.shape)
+  dropped = {tier: s.dropped_pairs for tier, s in zip(strategy.tiers, stats.hops)}
+  dropped["expert"] = stats.expert_dropped
+  reduced = (jax.lax.psum(dropped, ALL), jax.lax.psum(rows, ALL), jax.lax.pmax(peak, ALL))
+  return y_TD, reduced
+
+
+def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
+              router_bias=None) -> tuple[jax.Array, MoEAux]:
+  """Applies the MoE block to x [..., d_model] (tokens sharded over the mesh).
+
+  placement: optional [E] permutation, physical slot -> logical expert; expert
+    weights in `params["experts"]` are stored in that physical order.
+  router_bias: the DeepSeek-V3 selection bias [E] (state from `init_router_bias`).
+  """
+  shape = validate_for_mesh(config, mesh)
+  validate_placement(placement, config.num_experts)
+  lead, d_in = x.shape[:-1], x.shape[-1]
+  x_TD = x.reshape(-1, d_in)
+  validate_tokens(x_TD.shape[0], d_in, config, shape)
+  tokens_per_device = x_TD.shape[0] // shape.devices
+
+  with jax.named_scope("router"):
+    logits_TE = x_TD.astype(jnp.float32) @ params["router"]["kernel"].astype(jnp.float32)
+    routing = routing_lib.route(logits_TE, config, router_bias)
+    lb_loss = routing_lib.load_balance_loss(routing, config.num_experts)
+    z = routing_lib.z_loss(logits_TE)
+  slots_TK = inverse_placement(placement, config.num_experts)[routing.ids_TK]
+
+  strategy = get_strategy(config.dispatch)
+  caps = capacities(strategy, tokens=tokens_per_device, top_k=config.top_k,
+                    num_experts=config.num_experts, shape=shape,
+                    capacity_factor=config.capacity_factor, dropless=config.dropless)
+  layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute)
+  rows_spec = mesh_lib.sharded_rows(2)
+  expert_specs = jax.tree.map(lambda a: mesh_lib.sharded_rows(a.ndim), params["experts"])
+  step = jax.shard_map(
+      functools.partial(_device_step, config=config, strategy=strategy, caps=caps,
+                        layout=layout),
+      mesh=mesh,
+      in_specs=(rows_spec, rows_spec, rows_spec, expert_specs),
+      out_specs=(rows_spec, mesh_lib.replicated()))
+  dtype = jnp.dtype(config.dtype)
+  y_TD, (dropped, rows, peak) = step(x_TD.astype(dtype), slots_TK, routing.weights_TK,
+                                      params["experts"])
+  if config.shared_width:
+    with jax.named_scope("shared_experts"):
+      y_TD = y_TD + shared_experts(params, x_TD.astype(dtype))
+
+  aux = MoEAux(
+      aux_loss=config.load_balance_weight * lb_loss + config.z_loss_weight * z,
+      load_balance_loss=lb_loss,
+      z_loss=z,
+      expert_counts=routing_lib.expert_counts(routing.ids_TK, config.num_experts),
+      dropped=sum(dropped.values()),
+      dropped_by_stage=dropped,
+      rows=rows,
+      max_rows_per_peer=peak,
+      dedup_rate={
+          "node": dedup_rates(slots_TK, experts_per_group=config.num_experts // shape.nodes),
+          "device": dedup_rates(slots_TK, experts_per_group=config.num_experts // shape.devices),
+      },
+      strategy=strategy.name,
+  )
+  return y_TD.reshape(*lead, d_in).astype(x.dtype), aux
+
+
+def aux_metrics(aux: MoEAux) -> dict[str, Any]:
+  """A flat dict of Python numbers, for logging."""
+  out = {"strategy": aux.strategy, "aux_loss": float(aux.aux_loss),
+         "load_balance_loss": float(aux.load_balance_loss), "z_loss": float(aux.z_loss),
+         "dropped": int(aux.dropped)}
+  for group in ("rows", "max_rows_per_peer", "dedup_rate", "dropped_by_stage"):
+    for key, value in getattr(aux, group).items():
+      out[f"{group}/{key}"] = value.item()
+  return out

@@ -1,0 +1,82 @@
+"""Parameter layout, initialisation and sharding of an MoE block.
+
+params = {
+  "router":  {"kernel": [D, E]}                      logical expert order, replicated
+  "experts": {"gate": [E, D, F], "up": [E, D, F],    physical slot order, sharded
+              "down": [E, F, D]}                      over ("node", "local") on dim 0
+  "shared":  {"gate": [D, S], "up": [D, S], "down": [S, D]}     (if n_shared_experts)
+  "shared_gate": {"kernel": [D, 1]}                              (if shared_gate)
+}
+The DeepSeek selection bias is not a parameter (no gradient, no weight decay):
+it is separate state from `init_router_bias`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from hiermoe_jax import mesh as mesh_lib
+from hiermoe_jax.config import MoEConfig
+
+
+def param_shapes(config: MoEConfig) -> dict:
+  d, f, e, s = config.d_model, config.d_ff, config.num_experts, config.shared_width
+  shapes = {
+      "router": {"kernel": (d, e)},
+      "experts": {"gate": (e, d, f), "up": (e, d, f), "down": (e, f, d)},
+  }
+  if s:
+    shapes["shared"] = {"gate": (d, s), "up": (d, s), "down": (s, d)}
+  if config.shared_gate:
+    shapes["shared_gate"] = {"kernel": (d, 1)}
+  return shapes
+
+
+def param_specs(config: MoEConfig) -> dict:
+  """PartitionSpecs matching `param_shapes`: expert stacks split, the rest replicated."""
+  def spec(path, shape):
+    if path[0].key == "experts":
+      return mesh_lib.sharded_rows(len(shape))
+    return mesh_lib.replicated()
+  return jax.tree_util.tree_map_with_path(spec, param_shapes(config),
+                                          is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _fan_in(path, shape) -> int:
+  # Expert stacks are [E, in, out]; dense kernels are [in, out].
+  return shape[1] if path[0].key == "experts" else shape[0]
+
+
+def init_params_unsharded(key, config: MoEConfig) -> dict:
+  """Truncated-normal init with std 1/sqrt(fan_in), in `param_dtype`."""
+  shapes = param_shapes(config)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(leaves))
+  dtype = jnp.dtype(config.param_dtype)
+  values = [
+      jax.random.truncated_normal(k, -2.0, 2.0, shape, jnp.float32).astype(dtype)
+      / jnp.sqrt(_fan_in(path, shape)).astype(dtype)
+      for k, (path, shape) in zip(keys, leaves)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def init_params(key, config: MoEConfig, mesh: Mesh) -> dict:
+  """Initialises params directly into their shardings (no full copy on one device)."""
+  from hiermoe_jax.validate import validate_for_mesh
+  validate_for_mesh(config, mesh)
+  shardings = jax.tree.map(lambda s: mesh_lib.named(mesh, s), param_specs(config))
+  return jax.jit(init_params_unsharded, static_argnums=1, out_shardings=shardings)(key, config)
+
+
+def init_router_bias(config: MoEConfig) -> jax.Array:
+  """The DeepSeek-V3 selection bias (`e_score_correction_bias`), logical order."""
+  return jnp.zeros((config.num_experts,), jnp.float32)
+
+
+def identity_placement(config: MoEConfig) -> jax.Array:
+  """placement[slot] = logical expert held in that physical slot."""
+  return jnp.arange(config.num_experts, dtype=jnp.int32)
