@@ -11,3 +11,8 @@ __all__ = [
     "MoEConfig", "MoEAux", "make_mesh", "moe_apply", "init_params", "init_router_bias",
     "identity_placement", "reference_moe", "update_router_bias",
 ]
+
+from hiermoe_jax import convert, linen  # noqa: E402  (submodules users reach as attributes)
+from hiermoe_jax.nnx_module import MoE, ExpertPlacement, RouterBias  # noqa: E402
+
+__all__ += ["MoE", "ExpertPlacement", "RouterBias", "convert", "linen"]

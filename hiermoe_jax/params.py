@@ -49,18 +49,22 @@ def _fan_in(path, shape) -> int:
   return shape[1] if path[0].key == "experts" else shape[0]
 
 
+def initializer(fan_in: int):
+  """Truncated normal (+-2 std) with std 1/sqrt(fan_in): f(key, shape, dtype)."""
+  def init(key, shape, dtype=jnp.float32):
+    value = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) / jnp.sqrt(fan_in)
+    return value.astype(dtype)
+  return init
+
+
 def init_params_unsharded(key, config: MoEConfig) -> dict:
-  """Truncated-normal init with std 1/sqrt(fan_in), in `param_dtype`."""
-  shapes = param_shapes(config)
+  """Initialises every leaf of `param_shapes` in `param_dtype`."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      shapes, is_leaf=lambda x: isinstance(x, tuple))
+      param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
   keys = jax.random.split(key, len(leaves))
   dtype = jnp.dtype(config.param_dtype)
-  values = [
-      jax.random.truncated_normal(k, -2.0, 2.0, shape, jnp.float32).astype(dtype)
-      / jnp.sqrt(_fan_in(path, shape)).astype(dtype)
-      for k, (path, shape) in zip(keys, leaves)
-  ]
+  values = [initializer(_fan_in(path, shape))(k, shape, dtype)
+            for k, (path, shape) in zip(keys, leaves)]
   return jax.tree_util.tree_unflatten(treedef, values)
 
 
