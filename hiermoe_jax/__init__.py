@@ -2,13 +2,13 @@
 
 from hiermoe_jax.config import MoEConfig
 from hiermoe_jax.mesh import make_mesh
-from hiermoe_jax.moe import MoEAux, moe_apply
+from hiermoe_jax.moe import MoEAux, collect_aux, moe_apply
 from hiermoe_jax.params import identity_placement, init_params, init_router_bias
 from hiermoe_jax.reference import reference_moe
 from hiermoe_jax.routing import update_router_bias
 
 __all__ = [
-    "MoEConfig", "MoEAux", "make_mesh", "moe_apply", "init_params", "init_router_bias",
+    "MoEConfig", "MoEAux", "collect_aux", "make_mesh", "moe_apply", "init_params", "init_router_bias",
     "identity_placement", "reference_moe", "update_router_bias",
 ]
 

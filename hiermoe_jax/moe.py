@@ -153,6 +153,16 @@ def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
   return y_TD.reshape(*lead, d_in).astype(x.dtype), aux
 
 
+def collect_aux(intermediates) -> list[MoEAux]:
+  """Every MoEAux in a captured tree, in path order.
+
+  Works on `nnx.capture(model, nnx.Intermediate)(x)[1]` and on Linen's
+  "intermediates" collection alike.
+  """
+  return [leaf for leaf in jax.tree.leaves(intermediates, is_leaf=lambda a: isinstance(a, MoEAux))
+          if isinstance(leaf, MoEAux)]
+
+
 def aux_metrics(aux: MoEAux) -> dict[str, Any]:
   """A flat dict of Python numbers, for logging."""
   out = {"strategy": aux.strategy, "aux_loss": float(aux.aux_loss),

@@ -2,7 +2,9 @@
 
     layer = MoE(config, mesh=mesh, rngs=nnx.Rngs(0))
     y = layer(x)                                   # x [..., d_model]
-    aux = nnx.pop(model, nnx.Intermediate)         # MoEAux of each MoE layer
+    # Losses and statistics: capture the sown intermediates of any model.
+    y, inter = nnx.capture(model, nnx.Intermediate)(x)
+    auxes = hiermoe_jax.collect_aux(inter)         # one MoEAux per MoE layer
 
 Parameters are `nnx.Param`s carrying their PartitionSpec (`nnx.get_partition_spec`
 sees the expert sharding). The DeepSeek selection bias is a `RouterBias` and the

@@ -1,0 +1,87 @@
+"""Brute-force simulation of a strategy's hops with Python loops (test oracle).
+
+Follows the documented rules, not the vectorised code: every hop sends a row per
+(item, destination peer) - an item is a (token, expert) pair without dedup, a
+token or received row with dedup - in item order, keeping the first `capacity`
+rows per (device, peer); receivers take rows by source peer, then position.
+The expert stage keeps the first `capacity` entries per local expert in
+(row, k) order.
+"""
+
+from __future__ import annotations
+
+from hiermoe_jax.dispatch import get_strategy
+
+
+def _peer(slot, tier, nodes, local, per_device):
+  device = slot // per_device
+  return {"device": device, "node": device // local, "local": device % local}[tier]
+
+
+def _source_device(receiver, q, tier, local):
+  node, loc = divmod(receiver, local)
+  return {"device": q, "node": q * local + loc, "local": node * local + q}[tier]
+
+
+def _peers(tier, nodes, local):
+  return {"device": nodes * local, "node": nodes, "local": local}[tier]
+
+
+def simulate(slots, *, strategy, nodes, local, num_experts, hop_caps=None, expert_cap=None):
+  """slots: nested lists [device][token][k] of physical slots.
+
+  Returns dict with kept[d][t][k], dropped per stage, and sent[h][d][p] rows.
+  Capacities of None mean unlimited.
+  """
+  strat = get_strategy(strategy)
+  devices = nodes * local
+  per_device = num_experts // devices
+  top_k = len(slots[0][0])
+  # A row: (origin device, token, [(k, slot), ...]).
+  rows = []
+  for d in range(devices):
+    mine = []
+    for t, token in enumerate(slots[d]):
+      if strat.dedup:
+        mine.append((d, t, [(k, s) for k, s in enumerate(token)]))
+      else:
+        mine.extend((d, t, [(k, s)]) for k, s in enumerate(token))
+    rows.append(mine)
+  kept = [[[True] * top_k for _ in slots[d]] for d in range(devices)]
+  dropped = {}
+  sent = []
+  for h, tier in enumerate(strat.tiers):
+    peers = _peers(tier, nodes, local)
+    cap = None if hop_caps is None else hop_caps[h]
+    outbox = [[[] for _ in range(peers)] for _ in range(devices)]
+    lost = 0
+    for d in range(devices):
+      for origin, t, entries in rows[d]:
+        for p in range(peers):
+          part = [(k, s) for k, s in entries if _peer(s, tier, nodes, local, per_device) == p]
+          if not part:
+            continue
+          if cap is None or len(outbox[d][p]) < cap:
+            outbox[d][p].append((origin, t, part))
+          else:
+            lost += len(part)
+            for k, _ in part:
+              kept[origin][t][k] = False
+    dropped[tier] = lost
+    sent.append([[len(outbox[d][p]) for p in range(peers)] for d in range(devices)])
+    rows = [[row for q in range(peers) for row in outbox[_source_device(r, q, tier, local)][
+        _peer(r * per_device, tier, nodes, local, per_device)]] for r in range(devices)]
+  lost = 0
+  for d in range(devices):
+    load = [0] * per_device
+    for origin, t, entries in rows[d]:
+      for k, s in entries:
+        x = s - d * per_device
+        assert 0 <= x < per_device
+        if expert_cap is None or load[x] < expert_cap:
+          load[x] += 1
+        else:
+          lost += 1
+          kept[origin][t][k] = False
+  dropped["expert"] = lost
+  return {"kept": kept, "dropped": dropped, "sent": sent}
