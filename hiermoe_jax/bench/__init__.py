@@ -1,0 +1,1 @@
+"""Benchmark logic behind `scripts/bench_*.py` (importable and testable)."""
