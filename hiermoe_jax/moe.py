@@ -83,9 +83,11 @@ def _traffic(hop_stats, tiers, shape: MeshShape):
   return rows, peak
 
 
-def _device_step(x_TD, slots_TK, w_TK, expert_params, *, config, strategy, caps, layout):
-  y_TD, stats = exchange.run(x_TD, slots_TK, w_TK, expert_params, strategy=strategy,
-                             caps=caps, layout=layout)
+def _device_step(x_TD, slots_TK, w_TK, expert_params, *, strategy, caps, layout):
+  expert_fn = functools.partial(exchange.local_experts, expert_params=expert_params,
+                                capacity=caps.expert, layout=layout)
+  y_TD, stats = exchange.run(x_TD, slots_TK, w_TK, strategy=strategy, hop_caps=caps.hops,
+                             layout=layout, expert_fn=expert_fn)
   rows, peak = _traffic(stats.hops, strategy.tiers, layout.shape)
   dropped = {tier: s.dropped_pairs for tier, s in zip(strategy.tiers, stats.hops)}
   dropped["expert"] = stats.expert_dropped
@@ -123,8 +125,7 @@ def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
   rows_spec = mesh_lib.sharded_rows(2)
   expert_specs = jax.tree.map(lambda a: mesh_lib.sharded_rows(a.ndim), params["experts"])
   step = jax.shard_map(
-      functools.partial(_device_step, config=config, strategy=strategy, caps=caps,
-                        layout=layout),
+      functools.partial(_device_step, strategy=strategy, caps=caps, layout=layout),
       mesh=mesh,
       in_specs=(rows_spec, rows_spec, rows_spec, expert_specs),
       out_specs=(rows_spec, mesh_lib.replicated()))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from hiermoe_jax import experts as experts_lib
 from hiermoe_jax.dispatch.base import Strategy
-from hiermoe_jax.dispatch.capacity import Capacities, tier_peers
+from hiermoe_jax.dispatch.capacity import tier_peers
 from hiermoe_jax.mesh import LOCAL, NODE, MeshShape
 from hiermoe_jax.permute import permute, unpermute
 
@@ -128,8 +128,11 @@ def _unhop(y_SD, plan: HopPlan, tier: str, layout: Layout):
                    impl=layout.permute_impl)
 
 
-def _experts(rows_RD, slots_RM, w_RM, expert_params, capacity: int, layout: Layout):
-  """Expands rows to their local experts, runs the FFNs, pre-reduces per row."""
+def local_experts(rows_RD, slots_RM, w_RM, *, expert_params, capacity: int, layout: Layout):
+  """Expands rows to their local experts, runs the FFNs, pre-reduces per row.
+
+  Returns (out_RD, dropped pairs). The default `expert_fn` of `run`.
+  """
   num_local = layout.experts_per_device
   m = slots_RM.shape[1]
   me = jax.lax.axis_index((NODE, LOCAL))
@@ -162,9 +165,14 @@ class ExchangeStats(NamedTuple):
   expert_dropped: jax.Array
 
 
-def run(x_TD, slots_TK, w_TK, expert_params, *, strategy: Strategy, caps: Capacities,
-        layout: Layout):
-  """Dispatch, expert compute and combine on one device. Returns (y_TD, stats)."""
+def run(x_TD, slots_TK, w_TK, *, strategy: Strategy, hop_caps: tuple[int, ...], layout: Layout,
+        expert_fn):
+  """Dispatch, expert compute and combine on one device. Returns (y_TD, stats).
+
+  expert_fn(rows_RD, slots_RM, w_RM) -> (out_RD, dropped) computes, for every
+  received row, the weighted sum of its local experts' outputs (see
+  `local_experts`); benchmarks pass a cheap stand-in to time the exchange alone.
+  """
   num_tokens, top_k = slots_TK.shape
   if strategy.dedup:
     item_src, slots_IM, w_IM = jnp.arange(num_tokens, dtype=jnp.int32), slots_TK, w_TK
@@ -174,14 +182,14 @@ def run(x_TD, slots_TK, w_TK, expert_params, *, strategy: Strategy, caps: Capaci
 
   rows_RD, plans, hop_stats = x_TD, [], []
   with jax.named_scope(f"dispatch_{strategy.name}"):
-    for tier, capacity in zip(strategy.tiers, caps.hops):
+    for tier, capacity in zip(strategy.tiers, hop_caps):
       rows_RD, slots_IM, w_IM, plan, stats = _hop(rows_RD, item_src, slots_IM, w_IM, tier,
                                                   capacity, layout)
       item_src = jnp.arange(rows_RD.shape[0], dtype=jnp.int32)
       plans.append(plan)
       hop_stats.append(stats)
   with jax.named_scope("experts"):
-    y_RD, expert_dropped = _experts(rows_RD, slots_IM, w_IM, expert_params, caps.expert, layout)
+    y_RD, expert_dropped = expert_fn(rows_RD, slots_IM, w_IM)
   with jax.named_scope(f"combine_{strategy.name}"):
     for tier, plan in reversed(list(zip(strategy.tiers, plans))):
       y_RD = _unhop(y_RD, plan, tier, layout)
