@@ -9,6 +9,7 @@ Legend: T tokens, K top-k, E experts, D model dim.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import flax.struct
@@ -83,6 +84,18 @@ def _traffic(hop_stats, tiers, shape: MeshShape):
   return rows, peak
 
 
+def _use_ragged(config: MoEConfig, mesh: Mesh) -> bool:
+  """ragged_all_to_all where the backend has it; XLA:CPU does not, so fall back."""
+  if config.all_to_all != "ragged":
+    return False
+  platform = mesh.devices.flat[0].platform
+  if platform == "cpu":
+    warnings.warn("MoEConfig.all_to_all='ragged': jax.lax.ragged_all_to_all is not "
+                  "implemented on XLA:CPU; using the padded all-to-all instead", stacklevel=3)
+    return False
+  return True
+
+
 def _device_step(x_TD, slots_TK, w_TK, expert_params, *, strategy, caps, layout):
   expert_fn = functools.partial(exchange.local_experts, expert_params=expert_params,
                                 capacity=caps.expert, layout=layout)
@@ -121,14 +134,19 @@ def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
   caps = capacities(strategy, tokens=tokens_per_device, top_k=config.top_k,
                     num_experts=config.num_experts, shape=shape,
                     capacity_factor=config.capacity_factor, dropless=config.dropless)
-  layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute)
+  layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute,
+                           ragged=_use_ragged(config, mesh))
   rows_spec = mesh_lib.sharded_rows(2)
   expert_specs = jax.tree.map(lambda a: mesh_lib.sharded_rows(a.ndim), params["experts"])
   step = jax.shard_map(
       functools.partial(_device_step, strategy=strategy, caps=caps, layout=layout),
       mesh=mesh,
       in_specs=(rows_spec, rows_spec, rows_spec, expert_specs),
-      out_specs=(rows_spec, mesh_lib.replicated()))
+      out_specs=(rows_spec, mesh_lib.replicated()),
+      # Pallas kernels (interpreted on CPU) trace their bodies with index math
+      # that shard_map's varying-axes check rejects. Skipping the check is safe
+      # here: every input is sharded and the replicated outputs are explicit psums.
+      check_vma=config.permute_impl != "pallas")
   dtype = jnp.dtype(config.dtype)
   y_TD, (dropped, rows, peak) = step(x_TD.astype(dtype), slots_TK, routing.weights_TK,
                                       params["experts"])

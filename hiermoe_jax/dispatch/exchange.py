@@ -37,6 +37,7 @@ class Layout:
   num_experts: int
   permute_impl: str = "xla"
   expert_compute: str = "einsum"
+  ragged: bool = False  # send only filled rows with jax.lax.ragged_all_to_all (GPU/TPU)
 
   @property
   def experts_per_device(self) -> int:
@@ -60,6 +61,24 @@ class HopStats(NamedTuple):
 class HopPlan(NamedTuple):
   send_src_S: jax.Array  # which sender row fills each buffer slot (-1: padding)
   num_rows: int  # rows on the sender side, for the reverse unpermute
+  sent_P: jax.Array  # rows sent to each peer
+  received_P: jax.Array  # rows received from each peer
+
+
+def _exchange(buf_SD, send_P, recv_P, axes, peers: int, ragged: bool):
+  """All-to-all of [P*C, D] blocks whose first send_P[p] rows of block p are filled.
+
+  Padded: every block travels whole. Ragged: only the filled rows travel, into
+  the same [P*C, D] receive layout (row q*C + i from peer q), zeros elsewhere.
+  """
+  if not ragged:
+    return jax.lax.all_to_all(buf_SD, axes, 0, 0, tiled=True)
+  capacity = buf_SD.shape[0] // peers
+  blocks_P = jnp.arange(peers, dtype=jnp.int32) * capacity
+  me = jax.lax.axis_index(axes)
+  return jax.lax.ragged_all_to_all(
+      buf_SD, jnp.zeros_like(buf_SD), blocks_P, send_P,
+      jnp.full((peers,), me * capacity, jnp.int32), recv_P, axis_name=axes)
 
 
 def _assign(valid_IP, capacity: int, packed: bool):
@@ -111,18 +130,23 @@ def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: 
       jnp.where(mine_SM, w_IM[safe_S], 0.0)], axis=-1)
 
   axes = _TIER_AXES[tier]
-  recv_rows_SD = jax.lax.all_to_all(send_rows_SD, axes, 0, 0, tiled=True)
+  # Metadata is small and always padded: empty slots must read as -1, not 0.
   recv_meta_SM2 = jax.lax.all_to_all(meta_SM2, axes, 0, 0, tiled=True)
+  recv_P = (jax.lax.all_to_all(counts_P, axes, 0, 0, tiled=True) if layout.ragged
+            else counts_P)
+  recv_rows_SD = _exchange(send_rows_SD, counts_P, recv_P, axes, peers, layout.ragged)
   m = slots_IM.shape[1]
   recv_slots_SM = jax.lax.stop_gradient(recv_meta_SM2[:, :m]).astype(jnp.int32)
   recv_w_SM = recv_meta_SM2[:, m:]
-  plan = HopPlan(send_src_S, rows_RD.shape[0])
+  plan = HopPlan(send_src_S, rows_RD.shape[0], counts_P, recv_P)
   return recv_rows_SD, recv_slots_SM, recv_w_SM, plan, HopStats(counts_P, dropped)
 
 
 def _unhop(y_SD, plan: HopPlan, tier: str, layout: Layout):
   """Reverse of `_hop`: send results back and add them into the sender's rows."""
-  back_SD = jax.lax.all_to_all(y_SD, _TIER_AXES[tier], 0, 0, tiled=True)
+  peers = tier_peers(tier, layout.shape)
+  back_SD = _exchange(y_SD, plan.received_P, plan.sent_P, _TIER_AXES[tier], peers,
+                      layout.ragged)
   ones_S = jnp.ones(back_SD.shape[:1], back_SD.dtype)
   return unpermute(back_SD, plan.send_src_S, ones_S, num_tokens=plan.num_rows,
                    impl=layout.permute_impl)
