@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 train: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/train.py --config configs/tiny.yaml --mesh 2x4 --run-dir runs/tiny
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -1,0 +1,297 @@
+"""The run configuration: frozen, validated dataclasses loaded from YAML.
+
+    model: ModelConfig    transformer shape (the MoE block's d_model comes from here)
+    moe:   MoEConfig      every hiermoe_jax.MoEConfig field except d_model
+    train: TrainConfig    optimisation, schedule, evaluation, checkpoints
+    data:  DataConfig     corpus and held-out split
+    mesh:  MeshConfig     ("node", "local") shape; defaults to processes x local devices
+
+`load_config(path, overrides)` reads a YAML preset, applies `section.key=value`
+overrides with type coercion, and rejects unknown keys and invalid values with a
+`ConfigError` naming the key (e.g. "train.lr='abc' is invalid: expected a float").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+from hiermoe_jax.config import MoEConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+
+
+class ConfigError(ValueError):
+  """A bad config key or value; the message names the key and what is valid."""
+
+
+def _fail(key: str, value: Any, valid: str):
+  raise ConfigError(f"{key}={value!r} is invalid: {valid}")
+
+
+def _check_positive_ints(section: str, obj, names):
+  for name in names:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      _fail(f"{section}.{name}", value, "must be an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only transformer: RMSNorm, RoPE attention (GQA), SwiGLU / MoE FFNs."""
+  vocab_size: int = 256  # bytes by default
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+  head_dim: int | None = None  # None = d_model // n_heads
+  d_ff: int = 256  # hidden width of the dense SwiGLU FFNs (first_k_dense layers)
+  first_k_dense: int = 0  # leading layers with a dense FFN, as in DeepSeek-V3
+  qk_norm: bool = False  # RMSNorm on each query / key head (Qwen3)
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  dtype: str = "float32"  # activation dtype of attention and dense layers
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    _check_positive_ints("model", self, ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"))
+    if self.n_kv_heads is not None:
+      _check_positive_ints("model", self, ("n_kv_heads",))
+      if self.n_heads % self.n_kv_heads:
+        _fail("model.n_kv_heads", self.n_kv_heads, f"must divide model.n_heads={self.n_heads}")
+    if self.head_dim is None and self.d_model % self.n_heads:
+      _fail("model.n_heads", self.n_heads,
+            f"must divide model.d_model={self.d_model} (or set model.head_dim)")
+    if self.head_dim is not None:
+      _check_positive_ints("model", self, ("head_dim",))
+    if self.resolved_head_dim % 2:
+      _fail("model.head_dim", self.resolved_head_dim, "must be even (RoPE rotates pairs)")
+    if not isinstance(self.first_k_dense, int) or not 0 <= self.first_k_dense <= self.n_layers:
+      _fail("model.first_k_dense", self.first_k_dense,
+            f"must be an integer in [0, model.n_layers={self.n_layers}]")
+    if not self.rope_theta > 0:
+      _fail("model.rope_theta", self.rope_theta, "must be > 0")
+    if not self.norm_eps > 0:
+      _fail("model.norm_eps", self.norm_eps, "must be > 0")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        _fail(f"model.{name}", getattr(self, name), f"must be one of {DTYPES}")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+  @property
+  def resolved_kv_heads(self) -> int:
+    return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  batch_size: int = 16  # global sequences per step, split over all devices
+  seq_len: int = 64
+  steps: int = 300
+  lr: float = 3e-3  # peak learning rate
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at `steps`
+  weight_decay: float = 0.1  # on matrices only (ndim >= 2)
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0  # max global gradient norm
+  seed: int = 0  # parameter init, data order and the train RNG
+  eval_every: int = 50  # eval loss every N steps and at the end (0 = never)
+  eval_batches: int = 4
+  checkpoint_every: int = 100  # 0 = only at the end
+  keep: int = 3  # checkpoints kept
+  swap_interval: int = 0  # expert swap every N steps (0 = off; not available yet)
+
+  def __post_init__(self):
+    _check_positive_ints("train", self, ("batch_size", "seq_len", "steps", "eval_batches", "keep"))
+    for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        _fail(f"train.{name}", value, "must be an integer >= 0")
+    if self.swap_interval != 0:
+      _fail("train.swap_interval", self.swap_interval,
+            "expert swap is not available yet; use 0 (off)")
+    if not self.lr > 0:
+      _fail("train.lr", self.lr, "must be > 0")
+    if not 0 <= self.min_lr_ratio <= 1:
+      _fail("train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+    if not self.weight_decay >= 0:
+      _fail("train.weight_decay", self.weight_decay, "must be >= 0")
+    for name in ("b1", "b2"):
+      if not 0 <= getattr(self, name) < 1:
+        _fail(f"train.{name}", getattr(self, name), "must be in [0, 1)")
+    if not self.grad_clip > 0:
+      _fail("train.grad_clip", self.grad_clip, "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  path: str | None = None  # None = Python's own pydoc_data topics, as bytes
+  eval_fraction: float = 0.05  # tail of the corpus held out for eval loss
+  token_dtype: str = "uint16"  # element type of a pre-tokenised .bin file
+
+  def __post_init__(self):
+    if not 0 < self.eval_fraction < 1:
+      _fail("data.eval_fraction", self.eval_fraction, "must be in (0, 1)")
+    if self.token_dtype not in TOKEN_DTYPES:
+      _fail("data.token_dtype", self.token_dtype, f"must be one of {TOKEN_DTYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  nodes: int | None = None  # None = jax.process_count()
+  local: int | None = None  # None = devices per node
+
+  def __post_init__(self):
+    for name in ("nodes", "local"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                or value < 1):
+        _fail(f"mesh.{name}", value, "must be None or an integer >= 1")
+
+
+SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "train": TrainConfig, "data": DataConfig,
+            "mesh": MeshConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig
+  moe: MoEConfig
+  train: TrainConfig
+  data: DataConfig
+  mesh: MeshConfig
+
+  def to_dict(self) -> dict:
+    out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+    out["moe"].pop("d_model")
+    return out
+
+
+# ---------------------------------------------------------------------------- coercion
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+  """Converts a YAML or command-line value to the field's annotated type."""
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(hint)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+      if type(None) in args:
+        return None
+    inner = [a for a in args if a is not type(None)]
+    return _coerce(key, value, inner[0])
+  if hint is bool:
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+      return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+      return False
+    _fail(key, value, "expected a boolean (true/false)")
+  if hint is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if isinstance(value, str):
+      try:
+        return int(value)
+      except ValueError:
+        pass
+    _fail(key, value, "expected an integer")
+  if hint is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):
+      try:
+        return float(value)
+      except ValueError:
+        pass
+    _fail(key, value, "expected a float")
+  if hint is str:
+    if isinstance(value, str):
+      return value
+    _fail(key, value, "expected a string")
+  raise TypeError(f"{key}: unsupported annotation {hint!r}")
+
+
+def _build_section(name: str, values: Mapping[str, Any], extra: Mapping[str, Any] = ()):
+  cls = SECTIONS[name]
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  if name == "moe":
+    fields.discard("d_model")  # set from model.d_model
+  kwargs = {}
+  for key, value in values.items():
+    if key not in fields:
+      hint = " (it is set by model.d_model)" if (name, key) == ("moe", "d_model") else ""
+      raise ConfigError(f"unknown config key {name}.{key}{hint}; valid keys in '{name}': "
+                        f"{', '.join(sorted(fields))}")
+    kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+  kwargs.update(extra)
+  missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ConfigError(f"config key {name}.{missing[0]} is required but missing")
+  try:
+    return cls(**kwargs)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:
+    # MoEConfig names fields "MoEConfig.x"; users write them "moe.x".
+    raise ConfigError(str(e).replace("MoEConfig.", "moe.")) from None
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+  raw = dict(raw or {})
+  for section in raw:
+    if section not in SECTIONS:
+      raise ConfigError(f"unknown config section {section!r}; valid sections: "
+                        f"{', '.join(SECTIONS)}")
+    if raw[section] is not None and not isinstance(raw[section], Mapping):
+      raise ConfigError(f"config section {section!r} must be a mapping of key: value")
+  sections = {name: raw.get(name) or {} for name in SECTIONS}
+  model = _build_section("model", sections["model"])
+  built = {"model": model}
+  for name in ("moe", "train", "data", "mesh"):
+    extra = {"d_model": model.d_model} if name == "moe" else {}
+    built[name] = _build_section(name, sections[name], extra)
+  return Config(**built)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+  """Applies "section.key=value" strings to a raw (YAML) dict; values are coerced later."""
+  raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is invalid: expected section.key=value")
+    key, value = item.split("=", 1)
+    if key.count(".") != 1:
+      raise ConfigError(f"override key {key!r} is invalid: expected section.key "
+                        f"with section in {', '.join(SECTIONS)}")
+    section, name = key.split(".")
+    if section not in SECTIONS:
+      raise ConfigError(f"unknown config section {section!r} in override {item!r}; "
+                        f"valid sections: {', '.join(SECTIONS)}")
+    raw.setdefault(section, {})[name] = value
+  return raw
+
+
+def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
+  raw = {}
+  if path is not None:
+    try:
+      raw = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+    except FileNotFoundError:
+      raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    if not isinstance(raw, Mapping):
+      raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+  return config_from_dict(apply_overrides(raw, list(overrides)))

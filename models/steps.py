@@ -1,0 +1,170 @@
+"""The train state, its shardings, sharded initialisation and the jitted steps.
+
+The model lives as NNX state split three ways: `params` (nnx.Param, trained by
+AdamW), `buffers` (router biases and expert placements: state, not trained) and a
+static graphdef. Steps are pure functions of (TrainState, batch).
+
+Sharded initialisation never materialises an unsharded copy: eval_shape gives the
+abstract state, its PartitionSpecs give the shardings, and jit with those
+out_shardings builds each shard on its own device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+import hiermoe_jax as hm
+from hiermoe_jax import mesh as mesh_lib
+from models.config import Config
+from models.optimizer import learning_rate, make_optimizer
+from models.transformer import Transformer, moe_aux_by_layer
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 [], optimizer steps taken = batches consumed
+  params: Any  # nnx.State of nnx.Param
+  opt_state: Any
+  buffers: Any  # nnx.State of RouterBias / ExpertPlacement
+  rng: jax.Array  # uint32 key data of the train RNG, split every step
+
+
+@flax.struct.dataclass
+class StepMetrics:
+  """Per-step scalars, and per-MoE-layer vectors [L]; strategies are static."""
+  loss: jax.Array  # LM cross entropy
+  aux_loss: jax.Array
+  grad_norm: jax.Array  # before clipping
+  lr: jax.Array
+  dedup_node: jax.Array
+  dedup_device: jax.Array
+  dropped: jax.Array
+  imbalance: jax.Array
+  strategies: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+
+
+class Model:
+  """Static pieces shared by the steps: config, mesh, graphdef, optimizer."""
+
+  def __init__(self, cfg: Config, mesh: Mesh):
+    self.cfg, self.mesh = cfg, mesh
+    self.tx = make_optimizer(cfg.train)
+    self.schedule = learning_rate(cfg.train)
+    self.graphdef, abstract = nnx.get_abstract_model(self._new_model, mesh)
+    abs_params, abs_buffers = nnx.split_state(abstract, nnx.Param, ...)
+    replicated = NamedSharding(mesh, mesh_lib.replicated())
+    param_sh = _shardings(abs_params)
+    opt_sh = optax.tree_map_params(
+        self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, abs_params), param_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    self.state_shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                                      buffers=_shardings(abs_buffers), rng=replicated)
+    self.batch_sharding = NamedSharding(mesh, mesh_lib.sharded_rows(2))
+
+  def _new_model(self) -> Transformer:
+    return Transformer(self.cfg.model, self.cfg.moe, mesh=self.mesh,
+                       rngs=nnx.Rngs(self.cfg.train.seed))
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs with this mesh's shardings: the restore target."""
+    shapes = jax.eval_shape(self._init_state)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, self.state_shardings)
+
+  def _init_state(self) -> TrainState:
+    model = self._new_model()
+    _, params, buffers = nnx.split(model, nnx.Param, ...)
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(self.cfg.train.seed), 1))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params), buffers=buffers, rng=key)
+
+  def init_state(self) -> TrainState:
+    with jax.set_mesh(self.mesh):
+      return jax.jit(self._init_state, out_shardings=self.state_shardings)()
+
+  # ------------------------------------------------------------------ steps
+
+  def _forward(self, params, buffers, inputs_BS):
+    model = nnx.merge(self.graphdef, params, buffers)
+    logits_BSV, intermediates = nnx.capture(model, nnx.Intermediate)(inputs_BS)
+    auxes = moe_aux_by_layer(intermediates)
+    return logits_BSV, auxes
+
+  def _loss(self, params, buffers, inputs_BS, targets_BS):
+    logits_BSV, auxes = self._forward(params, buffers, inputs_BS)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS).mean()
+    aux_loss = sum((a.aux_loss for a in auxes), jnp.float32(0))
+    return ce + aux_loss, (ce, aux_loss, auxes)
+
+  def train_step(self, state: TrainState, inputs_BS, targets_BS):
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    (_, (ce, aux_loss, auxes)), grads = grad_fn(state.params, state.buffers, inputs_BS,
+                                                targets_BS)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    buffers = self._update_router_biases(params, state.buffers, auxes)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    devices = self.mesh.devices.size
+    placements = [self._placement(state.buffers, i) for i in range(len(auxes))]
+    metrics = StepMetrics(
+        loss=ce, aux_loss=aux_loss, grad_norm=optax.tree.norm(grads),
+        lr=self.schedule(state.step),
+        dedup_node=_stack([a.dedup_rate["node"] for a in auxes]),
+        dedup_device=_stack([a.dedup_rate["device"] for a in auxes]),
+        dropped=_stack([a.dropped for a in auxes]),
+        imbalance=_stack([imbalance(a.expert_counts, p, devices)
+                          for a, p in zip(auxes, placements)]),
+        strategies=tuple(a.strategy for a in auxes))
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           buffers=buffers, rng=rng)
+    return new_state, metrics
+
+  def eval_step(self, state: TrainState, inputs_BS, targets_BS):
+    logits_BSV, _ = self._forward(state.params, state.buffers, inputs_BS)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS).mean()
+
+  def _moe_modules(self, model) -> list[hm.MoE]:
+    return [model.blocks[i].ffn for i in model.moe_layers]
+
+  def _update_router_biases(self, params, buffers, auxes):
+    """DeepSeek's aux-loss-free bias update with this step's expert counts."""
+    model = nnx.merge(self.graphdef, params, buffers)
+    for layer, aux in zip(self._moe_modules(model), auxes):
+      layer.update_router_bias(aux.expert_counts)
+    return nnx.state(model, nnx.Not(nnx.Param))
+
+  def _placement(self, buffers, index):
+    layer = self.cfg.model.first_k_dense + index
+    return buffers["blocks"][layer]["ffn"]["placement"][...]
+
+  @functools.cached_property
+  def jit_train_step(self):
+    return jax.jit(self.train_step, donate_argnums=0,
+                   out_shardings=(self.state_shardings, None))
+
+  @functools.cached_property
+  def jit_eval_step(self):
+    return jax.jit(self.eval_step)
+
+
+def imbalance(counts_E, placement_E, devices: int):
+  """max / mean of (token, expert) rows per device, experts in physical order."""
+  per_device = counts_E[placement_E].reshape(devices, -1).sum(axis=-1).astype(jnp.float32)
+  return jnp.max(per_device) / jnp.maximum(jnp.mean(per_device), 1e-9)
+
+
+def _stack(values):
+  return jnp.stack(values) if values else jnp.zeros((0,), jnp.float32)
+
+
+def _shardings(abstract_state):
+  return jax.tree.map(lambda a: a.sharding, abstract_state)
