@@ -3,6 +3,13 @@
 `--analytic` replays every strategy on a routing with `hiermoe_jax.traffic` and
 prints rows / bytes per tier without running collectives, so it works for meshes
 far larger than this machine.
+
+Without `--analytic` it times dispatch + combine of each strategy on the mesh
+(`hiermoe_jax.bench.timed`): in one process on `--mesh NxG` host devices, or one
+process per node under `scripts/launch.py`. Each result adds "time_ms"
+{min, median, max} and "predicted_ms" (the `--profile` cost model on the same
+buffer sizes). `--fit-profile OUT.json` first fits a cost profile on this mesh
+(and then predicts with it).
 """
 
 from __future__ import annotations
@@ -13,8 +20,13 @@ import sys
 
 import numpy as np
 
-from hiermoe_jax import synthetic, traffic
+from hiermoe_jax import config as config_lib
+from hiermoe_jax import cost, synthetic, traffic
 from hiermoe_jax.config import STRATEGIES
+from hiermoe_jax.mesh import MeshShape
+
+BASELINES = ("gspmd",)  # timed mode only: XLA-partitioned dense dispatch
+DEFAULT_MESH = (2, 4)
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
@@ -42,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--analytic", action="store_true",
                  help="count traffic on the host; run no collectives")
-  p.add_argument("--mesh", type=parse_mesh, default=(2, 4), help="NxG: nodes x local devices")
+  p.add_argument("--mesh", type=parse_mesh, default=None,
+                 help="NxG: nodes x local devices (analytic default 2x4; timed default: "
+                      "processes x local devices; NxG only in a single process)")
   p.add_argument("--experts", type=positive_int, default=64)
   p.add_argument("--topk", type=positive_int, default=8)
   p.add_argument("--tokens", type=positive_int, default=2048, help="tokens per device")
@@ -51,38 +65,85 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--capacity-factor", type=float, default=None,
                  help="MoEConfig.capacity_factor; omit for dropless buffers")
-  p.add_argument("--bytes-per-elem", type=positive_int, default=4)
-  p.add_argument("--strategies", default=",".join(STRATEGIES))
+  p.add_argument("--bytes-per-elem", type=positive_int, default=4,
+                 help="analytic only; timed mode uses the size of --dtype")
+  p.add_argument("--strategies", default=",".join(STRATEGIES),
+                 help=f"any of {list(STRATEGIES)}; timed mode also {list(BASELINES)}")
   p.add_argument("--json", default=None, help="write JSON here ('-' for stdout)")
+  timed = p.add_argument_group("timed mode")
+  timed.add_argument("--repeats", type=positive_int, default=5)
+  timed.add_argument("--warmup", type=int, default=2, help="untimed calls per strategy")
+  timed.add_argument("--backward", action="store_true", help="also time the VJP")
+  timed.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  timed.add_argument("--profile", default="default",
+                     help="cost profile for predicted_ms: a shipped name or a JSON path")
+  timed.add_argument("--gspmd-group", type=positive_int, default=256,
+                     help="gspmd baseline: tokens per dispatch group (GShard's S)")
+  timed.add_argument("--fit-profile", default=None, metavar="OUT.json",
+                     help="fit alpha/beta per stage kind on this mesh, write the profile, "
+                          "and predict with it")
+  timed.add_argument("--fit-only", action="store_true", help="with --fit-profile: skip the "
+                     "strategy benchmark")
+  timed.add_argument("--fit-max-mb", type=float, default=None,
+                     help="largest fitted message (MB per stage); default: the largest "
+                          "stage of the benchmarked strategies")
+  timed.add_argument("--fit-points", type=positive_int, default=6)
   return p
 
 
-def check_args(p: argparse.ArgumentParser, args) -> None:
-  nodes, local = args.mesh
+def check_mesh(p: argparse.ArgumentParser, args, nodes: int, local: int) -> None:
   if args.experts % (nodes * local):
     p.error(f"--experts {args.experts} must be a multiple of the {nodes * local} devices of "
             f"--mesh {nodes}x{local}")
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
   if args.topk > args.experts:
     p.error(f"--topk {args.topk} must be <= --experts {args.experts}")
   try:
     synthetic.parse_routing(args.routing)
   except ValueError as e:
     p.error(str(e))
-  bad = [s for s in args.strategies.split(",") if s not in STRATEGIES]
+  valid = STRATEGIES if args.analytic else tuple(STRATEGIES) + BASELINES
+  names = args.strategies.split(",")
+  if "auto" in names and "auto" not in config_lib.STRATEGIES:
+    p.error("--strategies: 'auto' is not available in this version (it is not in "
+            f"hiermoe_jax.config.STRATEGIES={list(config_lib.STRATEGIES)})")
+  if "auto" in names and not args.analytic:
+    p.error("--strategies: 'auto' is not supported by the timed benchmark yet")
+  bad = [s for s in names if s not in valid]
   if bad:
-    p.error(f"--strategies: {bad[0]!r} is not one of {list(STRATEGIES)}")
+    p.error(f"--strategies: {bad[0]!r} is not one of {list(valid)}")
+  if args.analytic and (args.fit_profile or args.backward):
+    p.error("--fit-profile and --backward need the timed mode (omit --analytic)")
+  if args.fit_only and not args.fit_profile:
+    p.error("--fit-only needs --fit-profile OUT.json")
+  if args.tokens % min(args.gspmd_group, args.tokens) and "gspmd" in names:
+    p.error(f"--gspmd-group {args.gspmd_group} must divide --tokens {args.tokens}")
+  if not args.analytic and args.profile and not args.fit_profile:
+    try:
+      cost.load_profile(args.profile)
+    except ValueError as e:
+      p.error(f"--profile: {e}")
   if args.capacity_factor is not None and not args.capacity_factor > 0:
     p.error(f"--capacity-factor {args.capacity_factor} must be > 0")
 
 
-def analytic(args) -> dict:
+def analytic(args, ids=None) -> dict:
   nodes, local = args.mesh
-  ids = synthetic.routing(args.routing, devices=nodes * local, tokens=args.tokens,
-                          num_experts=args.experts, top_k=args.topk, seed=args.seed)
+  if ids is None:
+    ids = synthetic.routing(args.routing, devices=nodes * local, tokens=args.tokens,
+                            num_experts=args.experts, top_k=args.topk, seed=args.seed)
+  names = args.strategies.split(",")
+  known = [n for n in names if n in STRATEGIES]
   per = traffic.stats(ids, mesh_shape=(nodes, local), num_experts=args.experts,
                       d_model=args.hidden, bytes_per_elem=args.bytes_per_elem,
-                      strategies=args.strategies.split(","),
-                      capacity_factor=args.capacity_factor)
+                      strategies=known or ["flat"], capacity_factor=args.capacity_factor)
+  if "gspmd" in names:  # sends what flat sends (one copy per (token, expert)), padded
+    per["gspmd"] = {**(per.get("flat") or traffic.stats(
+        ids, mesh_shape=(nodes, local), num_experts=args.experts, d_model=args.hidden,
+        bytes_per_elem=args.bytes_per_elem, strategies=["flat"])["flat"]), "strategy": "gspmd"}
+  per = {n: per[n] for n in names}
   floor = traffic.inter_node_floor(ids, traffic.MeshShape(nodes, local), args.experts)
   config = {"mesh": f"{nodes}x{local}", "experts": args.experts, "topk": args.topk,
             "tokens": args.tokens, "hidden": args.hidden, "routing": args.routing,
@@ -111,22 +172,137 @@ def table(report: dict) -> str:
   return "\n".join(lines)
 
 
+def timed_table(report: dict) -> str:
+  results = report["results"]
+  base = next((r for r in results if r["strategy"] == "flat"), None)
+  lines = [f"{'strategy':<12}{'hop caps':>14}{'min ms':>10}{'median ms':>11}{'max ms':>10}"
+           f"{'vs flat':>9}{'predicted':>11}{'pred err':>10}"]
+  for r in results:
+    t = r["time_ms"]
+    speed = f"{base['time_ms']['median'] / t['median']:>8.2f}x" if base else f"{'-':>9}"
+    caps = "/".join(str(c) for c in r["hop_capacity"])
+    err = (r["predicted_ms"] - t["median"]) / t["median"]
+    lines.append(f"{r['strategy']:<12}{caps:>14}{t['min']:>10.1f}{t['median']:>11.1f}"
+                 f"{t['max']:>10.1f}{speed}{r['predicted_ms']:>11.1f}{err:>+9.0%} ")
+  return "\n".join(lines)
+
+
+def _write_json(report: dict, path: str | None) -> None:
+  if path == "-":
+    json.dump(report, sys.stdout, indent=1)
+    print()
+  elif path:
+    with open(path, "w") as f:
+      json.dump(report, f, indent=1)
+
+
+def timed(args) -> dict | None:
+  """Runs the timed benchmark (and --fit-profile); returns the report on rank 0."""
+  from hiermoe_jax.bench import timed as timed_lib  # starts JAX; keep --analytic light
+  mesh = timed_lib.start(args.mesh)
+  shape = MeshShape.of(mesh)
+  leader = timed_lib.is_leader()
+  args.mesh = (shape.nodes, shape.local)
+  if args.experts % shape.devices:
+    raise ValueError(f"--experts {args.experts} must be a multiple of the {shape.devices} "
+                     f"devices of the {shape.nodes}x{shape.local} mesh")
+  bpe = 2 if args.dtype == "bfloat16" else 4
+  args.bytes_per_elem = bpe
+  names = args.strategies.split(",")
+  ids = synthetic.routing(args.routing, devices=shape.devices, tokens=args.tokens,
+                          num_experts=args.experts, top_k=args.topk, seed=args.seed)
+  report = analytic(args, ids)
+  report["config"].update(mode="timed", dtype=args.dtype, repeats=args.repeats,
+                          warmup=args.warmup, backward=args.backward,
+                          processes=__import__("jax").process_count())
+  if args.capacity_factor is not None and leader:
+    print("# note: timed mode uses tight dropless buffers; --capacity-factor only affects "
+          "the analytic columns")
+
+  fit_details = None
+  if args.fit_profile:
+    if args.fit_max_mb is not None:
+      max_bytes = int(args.fit_max_mb * 1e6)
+    else:
+      max_bytes = max(_stage_bytes_of(timed_lib, ids, n, shape, args, bpe) for n in names)
+    profile, fit_details = timed_lib.fit_profile(
+        mesh, d_model=args.hidden, dtype=args.dtype, max_bytes=max_bytes,
+        points=args.fit_points, repeats=args.repeats, warmup=args.warmup,
+        name=f"fitted on mesh {shape.nodes}x{shape.local}, {report['config']['processes']} "
+             f"process(es), D={args.hidden}, {args.dtype}")
+    if leader:
+      profile.save(args.fit_profile)
+      print(f"# fitted profile -> {args.fit_profile}")
+      for kind, d in fit_details.items():
+        if "r2" in d:
+          print(f"  {kind:<6} alpha {d['alpha_ms']:.3f} ms  beta {d['beta_ms_per_byte']:.3e} "
+                f"ms/B ({1e-6 / max(d['beta_ms_per_byte'], 1e-30):.2f} GB/s)  r^2 "
+                f"{d['r2']:.3f}")
+        else:
+          print(f"  {kind:<6} copied from {d['copied_from']} ({d['reason']})")
+    report["config"]["profile"] = args.fit_profile
+    report["fit"] = fit_details
+    if args.fit_only:
+      return report if leader else None
+  else:
+    profile = cost.load_profile(args.profile)
+    report["config"]["profile"] = args.profile
+
+  info = timed_lib.benchmark(mesh, ids, strategies=names, num_experts=args.experts,
+                             d_model=args.hidden, dtype=args.dtype, repeats=args.repeats,
+                             warmup=args.warmup, backward=args.backward,
+                             gspmd_group=min(args.gspmd_group, args.tokens), seed=args.seed)
+  for r in report["results"]:
+    name = r["strategy"]
+    r.update(info[name])
+    r["predicted_ms"] = float(cost.predict(name, info[name]["hop_capacity"], profile,
+                                           mesh_shape=shape, d_model=args.hidden,
+                                           bytes_per_elem=bpe))
+    if args.backward:  # the VJP repeats every all-to-all once more
+      r["predicted_ms"] *= 2
+  return report if leader else None
+
+
+def _stage_bytes_of(timed_lib, ids, name, shape, args, bpe) -> int:
+  if name == "gspmd":
+    cap = timed_lib.gspmd_capacity(ids, min(args.gspmd_group, args.tokens), args.experts)
+    caps = ((args.experts // shape.devices) * (args.tokens // min(args.gspmd_group,
+                                                                  args.tokens)) * cap,)
+  else:
+    caps = timed_lib.tight_hop_caps(ids, name, shape, args.experts)
+  return max(cost.stage_bytes(cost.group_size(kind, shape), c, args.hidden, bpe)
+             for kind, c in zip(cost.stage_kinds(name), caps))
+
+
 def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   check_args(parser, args)
-  if not args.analytic:
-    parser.error("only --analytic is available in this version; the timed benchmark needs "
-                 "the cost-model work (run with --analytic)")
-  report = analytic(args)
+  if args.analytic:
+    args.mesh = args.mesh or DEFAULT_MESH
+    check_mesh(parser, args, *args.mesh)
+    report = analytic(args)
+    cfg = report["config"]
+    print(f"# analytic traffic: mesh {cfg['mesh']}, E={cfg['experts']}, K={cfg['topk']}, "
+          f"T={cfg['tokens']}/device, D={cfg['hidden']}, routing {cfg['routing']}")
+    print(table(report))
+    _write_json(report, args.json)
+    return 0
+  if args.mesh is not None:
+    check_mesh(parser, args, *args.mesh)
+  try:
+    report = timed(args)
+  except ValueError as e:
+    parser.error(str(e))
+  if report is None:  # not rank 0
+    return 0
   cfg = report["config"]
-  print(f"# analytic traffic: mesh {cfg['mesh']}, E={cfg['experts']}, K={cfg['topk']}, "
-        f"T={cfg['tokens']}/device, D={cfg['hidden']}, routing {cfg['routing']}")
+  print(f"# timed dispatch+combine{' + VJP' if cfg['backward'] else ''}: mesh {cfg['mesh']} "
+        f"({cfg['processes']} process(es)), E={cfg['experts']}, K={cfg['topk']}, "
+        f"T={cfg['tokens']}/device, D={cfg['hidden']}, {cfg['dtype']}, routing "
+        f"{cfg['routing']}, {cfg['repeats']} repeats; predicted by profile {cfg['profile']!r}")
   print(table(report))
-  if args.json == "-":
-    json.dump(report, sys.stdout, indent=1)
-    print()
-  elif args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
+  if "time_ms" in report["results"][0]:
+    print(timed_table(report))
+  _write_json(report, args.json)
   return 0

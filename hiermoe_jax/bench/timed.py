@@ -1,0 +1,335 @@
+"""Timed mesh benchmark: dispatch + combine of each strategy, and profile fitting.
+
+Legend: T tokens per device, K top-k, E experts, D model dim, P peers of a hop,
+C capacity (rows per peer), S tokens per gspmd group, W number of gspmd groups.
+
+Every strategy runs on the same routed tokens with tight padded buffers: each
+hop's capacity is the most rows any device sends to one peer in it (self
+included, from `traffic.simulate`), so nothing is dropped and padding is minimal.
+The expert stage is a cheap stand-in (one weighted vector per row back, as
+pre-reduce does), so the time is the exchange alone. Strategies are interleaved
+across repeats (rotating order) to cancel drift on a shared machine; in a
+multi-process run each sample is the slowest process's time, taken after a
+barrier.
+
+`gspmd` is the GShard / MaxText dense baseline: a one-hot [W, S, E, C] dispatch
+mask einsum under jit, with a sharding constraint moving the expert dim onto
+("node", "local"), so XLA inserts the all-to-all (and the reverse for combine).
+
+`fit_profile` times bare all-to-all stages of each kind (flat, inter, intra) over
+a sweep of message sizes and fits alpha, beta per kind (`cost.fit_stage`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from hiermoe_jax import cost, distributed, traffic
+from hiermoe_jax.dispatch import exchange, get_strategy
+from hiermoe_jax.mesh import AXES, LOCAL, NODE, MeshShape
+
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_KIND_AXES = {"flat": AXES, "inter": NODE, "intra": LOCAL}
+
+
+def start(mesh_arg: tuple[int, int] | None):
+  """Initializes JAX (multi-process if launched so) and returns the mesh.
+
+  In a single process, `--mesh NxG` forces N*G host CPU devices if XLA_FLAGS does
+  not already set a device count (must happen before JAX's backend starts).
+  """
+  if distributed.launcher_env() is None and mesh_arg is not None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _DEVICE_COUNT_FLAG not in flags:
+      os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_COUNT_FLAG}={mesh_arg[0] * mesh_arg[1]}"
+  distributed.initialize()
+  import jax
+  from hiermoe_jax.mesh import make_mesh
+  if mesh_arg is None or jax.process_count() > 1:
+    if mesh_arg is not None and tuple(mesh_arg) != (jax.process_count(),
+                                                    jax.local_device_count()):
+      raise ValueError(f"--mesh {mesh_arg[0]}x{mesh_arg[1]} is invalid in a "
+                       f"{jax.process_count()}-process run: the mesh is processes x local "
+                       f"devices = {jax.process_count()}x{jax.local_device_count()}; omit --mesh")
+    return make_mesh()
+  nodes, local = mesh_arg
+  if jax.device_count() < nodes * local:
+    raise ValueError(f"--mesh {nodes}x{local} needs {nodes * local} devices; JAX has "
+                     f"{jax.device_count()} (set XLA_FLAGS={_DEVICE_COUNT_FLAG}=N before start)")
+  return make_mesh(nodes, local, devices=jax.devices()[: nodes * local])
+
+
+def is_leader() -> bool:
+  import jax
+  return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def global_array(mesh, host_array: np.ndarray):
+  """A row-sharded global array; each process feeds only its own shards."""
+  import jax
+  from hiermoe_jax.mesh import named, sharded_rows
+  sharding = named(mesh, sharded_rows(host_array.ndim))
+  return jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])
+
+
+def routed_inputs(ids_DTK: np.ndarray, d_model: int, dtype: str, seed: int):
+  """Host arrays x [N*G*T, D], slots [N*G*T, K] (identity placement), w [N*G*T, K]."""
+  devices, tokens, top_k = ids_DTK.shape
+  rng = np.random.default_rng(seed + 1)
+  x = rng.standard_normal((devices * tokens, d_model), dtype=np.float32)
+  w = rng.random((devices * tokens, top_k), dtype=np.float32)
+  w /= w.sum(-1, keepdims=True)
+  if dtype == "bfloat16":
+    import jax.numpy as jnp
+    x = x.astype(jnp.bfloat16)
+  return x, ids_DTK.reshape(devices * tokens, top_k).astype(np.int32), w
+
+
+def tight_hop_caps(slots_DTK: np.ndarray, strategy: str, shape: MeshShape,
+                   num_experts: int) -> tuple[int, ...]:
+  """Per-hop capacity = most rows any device sends to one peer (self included)."""
+  sim = traffic.simulate(slots_DTK, strategy, shape, num_experts)
+  return tuple(max(int(hop["sent"].max(initial=0)), 1) for hop in sim["hops"])
+
+
+def gspmd_capacity(slots_DTK: np.ndarray, group: int, num_experts: int) -> int:
+  """Tight per-(group, expert) capacity of the gspmd baseline."""
+  devices, tokens, top_k = slots_DTK.shape
+  groups = slots_DTK.reshape(devices * tokens // group, group * top_k)
+  counts = np.stack([np.bincount(g, minlength=num_experts) for g in groups])
+  return max(int(counts.max()), 1)
+
+
+# ----------------------------------------------------------------------------- steps
+
+def _stand_in_experts(rows_RD, slots_RM, w_RM):
+  """One weighted vector per received row (what pre-reduce sends back)."""
+  import jax.numpy as jnp
+  kept = jnp.where(slots_RM >= 0, w_RM, 0.0)
+  return rows_RD * jnp.sum(kept, -1, keepdims=True).astype(rows_RD.dtype), jnp.int32(0)
+
+
+def _with_backward(forward: Callable, backward: bool) -> Callable:
+  """forward(x, slots, w) -> y; with backward, also the VJP of sum(y * ct) wrt x, w."""
+  import jax
+  if not backward:
+    return lambda x, slots, w, ct: forward(x, slots, w)
+
+  def step(x, slots, w, ct):
+    y, pullback = jax.vjp(lambda x, w: forward(x, slots, w), x, w)
+    return y, pullback(ct)
+  return step
+
+
+def exchange_step(mesh, strategy: str, hop_caps: tuple[int, ...], num_experts: int,
+                  backward: bool) -> Callable:
+  """jit(step)(x, slots, w, ct) running one strategy's dispatch + combine."""
+  import jax
+  from hiermoe_jax.mesh import sharded_rows
+  layout = exchange.Layout(MeshShape.of(mesh), num_experts)
+  strat = get_strategy(strategy)
+
+  def device(x_TD, slots_TK, w_TK):
+    y_TD, _ = exchange.run(x_TD, slots_TK, w_TK, strategy=strat, hop_caps=hop_caps,
+                           layout=layout, expert_fn=_stand_in_experts)
+    return y_TD
+
+  rows = sharded_rows(2)
+  forward = jax.shard_map(device, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows)
+  return jax.jit(_with_backward(forward, backward))
+
+
+def gspmd_step(mesh, *, group: int, capacity: int, num_experts: int,
+               backward: bool) -> Callable:
+  """GShard-style dense dispatch; XLA's SPMD partitioner inserts the all-to-alls."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  from hiermoe_jax.mesh import named
+
+  by_group = named(mesh, P(AXES, None, None, None))  # [W, ...] groups over devices
+  by_expert = named(mesh, P(None, AXES, None, None))  # [W, E, C, D] experts over devices
+
+  def forward(x_ND, slots_NK, w_NK):
+    n, d = x_ND.shape
+    k = slots_NK.shape[1]
+    x_WSD = x_ND.reshape(n // group, group, d)
+    onehot_WSKE = jax.nn.one_hot(slots_NK.reshape(n // group, group, k), num_experts,
+                                 dtype=jnp.int32)
+    mask_WSE = jnp.sum(onehot_WSKE, axis=2)
+    gate_WSE = jnp.einsum("wske,wsk->wse", onehot_WSKE.astype(jnp.float32),
+                          w_NK.reshape(n // group, group, k))
+    pos_WSE = jnp.cumsum(mask_WSE, axis=1) - 1
+    keep_WSE = (mask_WSE > 0) & (pos_WSE < capacity)
+    dispatch_WSEC = (jax.nn.one_hot(jnp.where(keep_WSE, pos_WSE, -1), capacity,
+                                    dtype=x_ND.dtype))
+    combine_WSEC = dispatch_WSEC * gate_WSE[..., None].astype(x_ND.dtype)
+    with jax.named_scope("dispatch_gspmd"):
+      buf_WECD = jnp.einsum("wsec,wsd->wecd", dispatch_WSEC, x_WSD)
+      buf_WECD = jax.lax.with_sharding_constraint(buf_WECD, by_group)
+      buf_WECD = jax.lax.with_sharding_constraint(buf_WECD, by_expert)  # all-to-all
+    with jax.named_scope("experts"):
+      out_WECD = buf_WECD * jnp.asarray(2, buf_WECD.dtype)  # stand-in, stays on experts
+    with jax.named_scope("combine_gspmd"):
+      out_WECD = jax.lax.with_sharding_constraint(out_WECD, by_group)  # all-to-all back
+      y_WSD = jnp.einsum("wsec,wecd->wsd", combine_WSEC, out_WECD)
+    return y_WSD.reshape(n, d)
+
+  return jax.jit(_with_backward(forward, backward))
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _barrier(tag: str) -> None:
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(tag)
+
+
+def _block(out) -> None:
+  import jax
+  jax.block_until_ready(out)
+
+
+def time_interleaved(steps: dict[str, Callable[[], object]], *, repeats: int,
+                     warmup: int) -> dict[str, np.ndarray]:
+  """ms per call of each step; the order rotates every repeat.
+
+  Multi-process: a barrier precedes each call and each sample is the max over
+  processes (the slowest process sets a collective's time).
+  """
+  import jax
+  names = list(steps)
+  for i in range(warmup):
+    for name in names:
+      _block(steps[name]())
+  samples = {name: [] for name in names}
+  for r in range(repeats):
+    order = names[r % len(names):] + names[: r % len(names)]
+    for name in order:
+      _barrier(f"t{r}{name}")
+      t0 = time.perf_counter()
+      _block(steps[name]())
+      samples[name].append((time.perf_counter() - t0) * 1e3)
+  local = np.array([samples[n] for n in names], np.float64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    local = np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
+  return {name: local[i] for i, name in enumerate(names)}
+
+
+def summary(ms: np.ndarray) -> dict:
+  return {"min": float(np.min(ms)), "median": float(np.median(ms)), "max": float(np.max(ms))}
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def benchmark(mesh, ids_DTK: np.ndarray, *, strategies: list[str], num_experts: int,
+              d_model: int, dtype: str, repeats: int, warmup: int, backward: bool,
+              gspmd_group: int, seed: int) -> dict[str, dict]:
+  """Times each strategy; returns {name: {"time_ms", "hop_capacity", ...}}."""
+  import jax.numpy as jnp
+  shape = MeshShape.of(mesh)
+  x, slots, w = routed_inputs(ids_DTK, d_model, dtype, seed)
+  x_g, slots_g, w_g = (global_array(mesh, a) for a in (x, slots, w))
+  ct_g = global_array(mesh, np.ones(x.shape, np.float32).astype(x.dtype))
+  info, steps = {}, {}
+  for name in strategies:
+    if name == "gspmd":
+      cap = gspmd_capacity(ids_DTK, gspmd_group, num_experts)
+      fn = gspmd_step(mesh, group=gspmd_group, capacity=cap, num_experts=num_experts,
+                      backward=backward)
+      groups_per_device = ids_DTK.shape[1] // gspmd_group
+      per_peer = (num_experts // shape.devices) * groups_per_device * cap
+      info[name] = {"hop_capacity": [per_peer], "gspmd_group": gspmd_group,
+                    "gspmd_expert_capacity": cap}
+    else:
+      caps = tight_hop_caps(ids_DTK, name, shape, num_experts)
+      fn = exchange_step(mesh, name, caps, num_experts, backward)
+      info[name] = {"hop_capacity": list(caps)}
+    steps[name] = functools.partial(fn, x_g, slots_g, w_g, ct_g)
+  del jnp
+  times = time_interleaved(steps, repeats=repeats, warmup=warmup)
+  for name in strategies:
+    info[name]["time_ms"] = summary(times[name])
+    info[name]["samples_ms"] = [float(v) for v in times[name]]
+  return info
+
+
+# ----------------------------------------------------------------------------- fitting
+
+def stage_step(mesh, kind: str) -> Callable:
+  """One stage each way, as an exchange hop does it: gather rows, all-to-all over
+  the kind's axes; then the same back (dispatch + combine)."""
+  import jax
+  import jax.numpy as jnp
+  from hiermoe_jax.mesh import sharded_rows
+  axes = _KIND_AXES[kind]
+
+  def device(buf_SD, perm_S):
+    out_SD = jax.lax.all_to_all(buf_SD[perm_S], axes, 0, 0, tiled=True)
+    back_SD = jax.lax.all_to_all(out_SD * jnp.asarray(2, out_SD.dtype), axes, 0, 0,
+                                 tiled=True)
+    return jnp.zeros_like(buf_SD).at[perm_S].add(back_SD)
+
+  spec = sharded_rows(2)
+  return jax.jit(jax.shard_map(device, mesh=mesh, in_specs=(spec, sharded_rows(1)),
+                               out_specs=spec))
+
+
+def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
+                repeats: int, warmup: int, name: str = "") -> tuple[cost.CostProfile, dict]:
+  """Sweeps message sizes per stage kind, fits alpha/beta; returns (profile, details).
+
+  Message sizes are geometric from max_bytes / 2**(points-1)... max_bytes, in bytes of
+  one stage (group * rows per peer * D * bytes per element, as in `cost`).
+  """
+  shape = MeshShape.of(mesh)
+  bpe = 2 if dtype == "bfloat16" else 4
+  rng = np.random.default_rng(0)
+  steps, meta = {}, {}
+  for kind in cost.STAGE_KINDS:
+    group = cost.group_size(kind, shape)
+    if group == 1:
+      continue  # no such stage on this mesh (e.g. inter on 1xG)
+    for i in range(points):
+      target = max_bytes / 2 ** (points - 1 - i)
+      rows = max(1, int(round(target / (group * d_model * bpe))))
+      per_device = group * rows
+      buf = rng.standard_normal((shape.devices * per_device, d_model), dtype=np.float32)
+      if dtype == "bfloat16":
+        import jax.numpy as jnp
+        buf = buf.astype(jnp.bfloat16)
+      perm = np.concatenate([rng.permutation(per_device) for _ in range(shape.devices)])
+      fn = stage_step(mesh, kind)
+      args = (global_array(mesh, buf), global_array(mesh, perm.astype(np.int32)))
+      key = f"{kind}:{rows}"
+      steps[key] = functools.partial(fn, *args)
+      meta[key] = (kind, cost.stage_bytes(group, rows, d_model, bpe))
+  times = time_interleaved(steps, repeats=repeats, warmup=warmup)
+  stages, details = {}, {}
+  for kind in cost.STAGE_KINDS:
+    keys = [k for k in steps if meta[k][0] == kind]
+    if not keys:
+      continue
+    nbytes = np.array([meta[k][1] for k in keys], np.float64)
+    per_stage = np.array([np.median(times[k]) / 2 for k in keys])  # 2 stages per call
+    fitted, r2 = cost.fit_stage(nbytes, per_stage)
+    stages[kind] = fitted
+    details[kind] = {"alpha_ms": fitted.alpha_ms, "beta_ms_per_byte": fitted.beta_ms_per_byte,
+                     "r2": r2, "bytes": nbytes.tolist(), "stage_ms": per_stage.tolist()}
+  # A kind absent from this mesh (group of 1) borrows the flat fit, and says so.
+  for kind in cost.STAGE_KINDS:
+    if kind not in stages:
+      stages[kind] = stages["flat"]
+      details[kind] = {"copied_from": "flat", "reason": f"group size 1 on mesh "
+                       f"{shape.nodes}x{shape.local}"}
+  return cost.CostProfile(**stages, name=name), details

@@ -1,0 +1,251 @@
+"""Alpha-beta cost model of the dispatch strategies (DESIGN.md section 5).
+
+A stage (one all-to-all) of kind `flat` (over all devices), `inter` (over `node`)
+or `intra` (over `local`) costs `alpha + beta * bytes`, with
+
+    bytes = group_size * peak_rows_per_peer * d_model * bytes_per_elem
+
+because the most loaded peer sets the padded buffer size. A strategy's time is the
+sum over its stages, each run twice (dispatch, then combine in reverse).
+
+`predict_from_peak_rows` is plain arithmetic, so it works on Python numbers and on
+traced jnp scalars alike (e.g. inside jit, on per-layer routing counts, for the
+`auto` strategy). `fit_stage` fits alpha and beta by least squares.
+
+Units: milliseconds and bytes, as in the published profile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from importlib import resources
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from hiermoe_jax.mesh import MeshShape
+
+STAGE_KINDS = ("flat", "inter", "intra")
+
+# Stage kinds of each strategy, in hop order (same order as Strategy.tiers).
+_STRATEGY_STAGES = {
+    "flat": ("flat",),
+    "flat_dedup": ("flat",),
+    "gspmd": ("flat",),  # XLA's all-to-all over all devices (bench baseline)
+    "hier": ("inter", "intra"),
+    "hier_dedup": ("inter", "intra"),
+}
+
+
+def stage_kinds(strategy: str) -> tuple[str, ...]:
+  """Stage kinds of a strategy, in hop order."""
+  if strategy not in _STRATEGY_STAGES:
+    raise ValueError(f"strategy={strategy!r} has no cost model; expected one of "
+                     f"{sorted(_STRATEGY_STAGES)}")
+  return _STRATEGY_STAGES[strategy]
+
+
+def group_size(kind: str, shape: MeshShape) -> int:
+  """Peers of one all-to-all of this stage kind."""
+  if kind not in STAGE_KINDS:
+    raise ValueError(f"stage kind {kind!r} must be one of {STAGE_KINDS}")
+  return {"flat": shape.devices, "inter": shape.nodes, "intra": shape.local}[kind]
+
+
+def stage_bytes(group: int, max_rows_per_peer, d_model: int, bytes_per_elem: int):
+  """Bytes a device moves in one stage: group * peak rows per peer * D * bytes."""
+  return group * max_rows_per_peer * d_model * bytes_per_elem
+
+
+def _check_number(owner: str, field: str, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{owner}.{field}={value!r} is invalid: must be a number >= 0")
+  value = float(value)
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"{owner}.{field}={value!r} is invalid: must be a finite number >= 0")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCost:
+  """time_ms = alpha_ms + beta_ms_per_byte * bytes."""
+  alpha_ms: float
+  beta_ms_per_byte: float
+
+  def __post_init__(self):
+    for name in ("alpha_ms", "beta_ms_per_byte"):
+      object.__setattr__(self, name, _check_number("StageCost", name, getattr(self, name)))
+
+  def time_ms(self, num_bytes):
+    return self.alpha_ms + self.beta_ms_per_byte * num_bytes
+
+  def to_dict(self) -> dict:
+    return {"alpha_ms": self.alpha_ms, "beta_ms_per_byte": self.beta_ms_per_byte}
+
+
+@dataclasses.dataclass(frozen=True)
+class CostProfile:
+  """A topology profile: one StageCost per stage kind."""
+  flat: StageCost
+  inter: StageCost
+  intra: StageCost
+  name: str = ""
+
+  def __post_init__(self):
+    for kind in STAGE_KINDS:
+      value = getattr(self, kind)
+      if not isinstance(value, StageCost):
+        raise ValueError(f"CostProfile.{kind}={value!r} is invalid: must be a StageCost")
+    if not isinstance(self.name, str):
+      raise ValueError(f"CostProfile.name={self.name!r} is invalid: must be a string")
+
+  def stage(self, kind: str) -> StageCost:
+    if kind not in STAGE_KINDS:
+      raise ValueError(f"stage kind {kind!r} must be one of {STAGE_KINDS}")
+    return getattr(self, kind)
+
+  def to_json(self) -> str:
+    data = {"name": self.name, "units": {"alpha": "ms", "beta": "ms/byte"}}
+    data.update({kind: self.stage(kind).to_dict() for kind in STAGE_KINDS})
+    return json.dumps(data, indent=1)
+
+  @classmethod
+  def from_dict(cls, data: Any, *, source: str = "profile") -> "CostProfile":
+    if not isinstance(data, Mapping):
+      raise ValueError(f"{source}: a cost profile must be a JSON object, got "
+                       f"{type(data).__name__}")
+    stages = {}
+    for kind in STAGE_KINDS:
+      entry = data.get(kind)
+      if not isinstance(entry, Mapping):
+        raise ValueError(f"{source}: field {kind!r} is missing or not an object "
+                         f"with alpha_ms and beta_ms_per_byte")
+      values = {}
+      for field in ("alpha_ms", "beta_ms_per_byte"):
+        if field not in entry:
+          raise ValueError(f"{source}: field {kind}.{field} is missing")
+        try:
+          values[field] = _check_number(f"{kind}", field, entry[field])
+        except ValueError as e:
+          raise ValueError(f"{source}: {e}") from None
+      stages[kind] = StageCost(**values)
+    name = data.get("name", "")
+    if not isinstance(name, str):
+      raise ValueError(f"{source}: field 'name'={name!r} must be a string")
+    return cls(**stages, name=name)
+
+  @classmethod
+  def from_json(cls, text: str, *, source: str = "profile") -> "CostProfile":
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{source}: not valid JSON ({e})") from None
+    return cls.from_dict(data, source=source)
+
+  def save(self, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+      f.write(self.to_json() + "\n")
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "CostProfile":
+    try:
+      with open(path) as f:
+        text = f.read()
+    except OSError as e:
+      raise ValueError(f"cost profile {os.fspath(path)!r} cannot be read: {e.strerror}") from None
+    return cls.from_json(text, source=f"cost profile {os.fspath(path)!r}")
+
+
+def shipped_profiles() -> list[str]:
+  """Names of the profiles shipped in hiermoe_jax/profiles/."""
+  folder = resources.files("hiermoe_jax") / "profiles"
+  return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_profile(name_or_path: str | os.PathLike) -> CostProfile:
+  """A shipped profile by name ("default", "paper_a6000") or a JSON file path."""
+  text = os.fspath(name_or_path)
+  if os.sep not in text and not text.endswith(".json"):
+    resource = resources.files("hiermoe_jax") / "profiles" / f"{text}.json"
+    if not resource.is_file():
+      raise ValueError(f"cost profile {text!r} is neither a shipped profile "
+                       f"{shipped_profiles()} nor a path to a .json file")
+    return CostProfile.from_json(resource.read_text(), source=f"cost profile {text!r}")
+  return CostProfile.load(text)
+
+
+def predict_from_peak_rows(strategy: str, peak_rows_per_hop: Sequence, profile: CostProfile,
+                           shape: MeshShape, d_model: int, bytes_per_elem: int):
+  """Predicted dispatch + combine time (ms) from each hop's peak rows per peer.
+
+  peak_rows_per_hop: one entry per hop of the strategy (flat kinds: 1, hier: 2),
+  the most rows any device sends to one peer (or the hop's buffer capacity).
+  A stage over a mesh axis of size 1 (e.g. `inter` on a 1xG mesh) costs nothing.
+  Entries may be Python numbers or jnp scalars (traceable; no Python branching
+  on their values), so `auto` can call this inside jit.
+  """
+  kinds = stage_kinds(strategy)
+  if len(peak_rows_per_hop) != len(kinds):
+    raise ValueError(f"peak_rows_per_hop has {len(peak_rows_per_hop)} entries; strategy "
+                     f"{strategy!r} has {len(kinds)} stages {kinds}")
+  total = 0.0
+  for kind, rows in zip(kinds, peak_rows_per_hop):
+    group = group_size(kind, shape)
+    if group == 1:  # an all-to-all over one device is a local copy: no communication
+      continue
+    nbytes = stage_bytes(group, rows, d_model, bytes_per_elem)
+    total = total + 2 * profile.stage(kind).time_ms(nbytes)  # dispatch + combine
+  return total
+
+
+def peak_rows_per_hop(strategy: str, traffic_entry: Mapping) -> tuple:
+  """Per-hop peak rows per peer from one `traffic.stats` entry.
+
+  Flat kinds take max(inter, intra) (one hop serves both), hier kinds take the
+  inter maximum for the `node` hop and the intra maximum for the `local` hop.
+  """
+  peak = traffic_entry["max_rows_per_peer"]
+  if stage_kinds(strategy) == ("flat",):
+    return (max(peak["inter"], peak["intra"]),)
+  return (peak["inter"], peak["intra"])
+
+
+def predict(strategy: str, traffic_or_rows, profile: CostProfile, *, mesh_shape,
+            d_model: int, bytes_per_elem: int):
+  """Predicted dispatch + combine time (ms) of one strategy.
+
+  traffic_or_rows: a `traffic.stats(...)[strategy]` entry, or a sequence of peak
+  rows per peer per hop (see `predict_from_peak_rows`).
+  """
+  shape = mesh_shape if isinstance(mesh_shape, MeshShape) else MeshShape(*mesh_shape)
+  rows = (peak_rows_per_hop(strategy, traffic_or_rows)
+          if isinstance(traffic_or_rows, Mapping) else tuple(traffic_or_rows))
+  return predict_from_peak_rows(strategy, rows, profile, shape, d_model, bytes_per_elem)
+
+
+def fit_stage(num_bytes, times_ms) -> tuple[StageCost, float]:
+  """Least-squares alpha, beta (both >= 0) of times_ms ~ alpha + beta * bytes.
+
+  Returns (StageCost, r^2). A negative intercept or slope is clamped to 0 and the
+  other coefficient refitted, so the result is always a valid StageCost.
+  """
+  x = np.asarray(num_bytes, np.float64).ravel()
+  y = np.asarray(times_ms, np.float64).ravel()
+  if x.shape != y.shape or x.size < 2:
+    raise ValueError(f"fit_stage needs >= 2 (bytes, time) pairs of equal length; got "
+                     f"{x.size} bytes and {y.size} times")
+  if np.unique(x).size < 2:
+    raise ValueError("fit_stage needs at least two distinct message sizes")
+  (alpha, beta), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
+  if alpha < 0:
+    alpha, beta = 0.0, float(np.dot(x, y) / np.dot(x, x))
+  if beta < 0:
+    alpha, beta = float(np.mean(y)), 0.0
+  alpha, beta = max(float(alpha), 0.0), max(float(beta), 0.0)
+  resid = y - (alpha + beta * x)
+  total = np.sum((y - y.mean()) ** 2)
+  r2 = float(1.0 - np.sum(resid ** 2) / total) if total > 0 else 1.0
+  return StageCost(alpha, beta), r2
