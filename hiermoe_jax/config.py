@@ -12,7 +12,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 ROUTERS = ("softmax", "sigmoid_grouped")
-STRATEGIES = ("flat", "flat_dedup", "hier", "hier_dedup")
+STRATEGIES = ("flat", "flat_dedup", "hier", "hier_dedup")  # fixed strategies
+DISPATCH = STRATEGIES + ("auto",)  # values of MoEConfig.dispatch
 EXPERT_COMPUTE = ("einsum", "ragged_dot")
 PERMUTE_IMPLS = ("xla", "pallas")
 ALL_TO_ALL_IMPLS = ("padded", "ragged")
@@ -46,7 +47,8 @@ class MoEConfig:
   shared_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w) scales the shared output
   capacity_factor: float = 1.25
   dropless: bool = False
-  dispatch: str = "flat"
+  dispatch: str = "flat"  # a strategy, or "auto": the cost model picks one per call
+  cost_profile: str = "default"  # for "auto": a shipped profile name or a JSON path
   dtype: str = "float32"  # compute dtype of expert FFNs and token exchange
   param_dtype: str = "float32"
   load_balance_weight: float = 0.0
@@ -102,8 +104,11 @@ class MoEConfig:
       _fail("shared_gate", self.shared_gate, "needs n_shared_experts >= 1")
     if not self.capacity_factor > 0:
       _fail("capacity_factor", self.capacity_factor, "must be > 0 (or set dropless=True)")
-    if self.dispatch not in STRATEGIES:
-      _fail("dispatch", self.dispatch, f"must be one of {STRATEGIES}")
+    if self.dispatch not in DISPATCH:
+      _fail("dispatch", self.dispatch, f"must be one of {DISPATCH}")
+    if not isinstance(self.cost_profile, str) or not self.cost_profile:
+      _fail("cost_profile", self.cost_profile,
+            "must be a shipped profile name (e.g. 'default') or a path to a profile JSON")
     for name in ("load_balance_weight", "z_loss_weight", "bias_update_rate"):
       if not getattr(self, name) >= 0:
         _fail(name, getattr(self, name), "must be >= 0")

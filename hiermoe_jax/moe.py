@@ -19,8 +19,9 @@ from jax.sharding import Mesh
 
 from hiermoe_jax import mesh as mesh_lib
 from hiermoe_jax import routing as routing_lib
-from hiermoe_jax.config import MoEConfig
-from hiermoe_jax.dispatch import exchange, get_strategy
+from hiermoe_jax import cost
+from hiermoe_jax.config import STRATEGIES, MoEConfig
+from hiermoe_jax.dispatch import auto, exchange, get_strategy
 from hiermoe_jax.dispatch.capacity import capacities
 from hiermoe_jax.experts import shared_experts
 from hiermoe_jax.mesh import LOCAL, NODE, MeshShape
@@ -45,7 +46,13 @@ class MoEAux:
   rows: dict[str, jax.Array]  # {"inter", "intra"} rows sent, summed over devices
   max_rows_per_peer: dict[str, jax.Array]  # {"inter", "intra"} max over (device, peer)
   dedup_rate: dict[str, jax.Array]  # {"node", "device"} copies removed by dedup
-  strategy: str = flax.struct.field(pytree_node=False, default="flat")
+  strategy_index: jax.Array  # index into STRATEGIES of the strategy that ran
+  predicted_ms: dict[str, jax.Array]  # "auto" only: the cost model's time per strategy
+  strategy: str = flax.struct.field(pytree_node=False, default="flat")  # config.dispatch
+
+  def strategy_ran(self) -> str:
+    """Name of the strategy that ran (resolves "auto"; needs a concrete aux)."""
+    return STRATEGIES[int(self.strategy_index)]
 
 
 def inverse_placement(placement, num_experts: int):
@@ -96,16 +103,38 @@ def _use_ragged(config: MoEConfig, mesh: Mesh) -> bool:
   return True
 
 
-def _device_step(x_TD, slots_TK, w_TK, expert_params, *, strategy, caps, layout):
+def _run_strategy(name, x_TD, slots_TK, w_TK, expert_params, *, caps, layout, stage_keys):
+  """One strategy on this device; returns y and its psum/pmax-reduced statistics."""
+  strategy = get_strategy(name)
   expert_fn = functools.partial(exchange.local_experts, expert_params=expert_params,
-                                capacity=caps.expert, layout=layout)
-  y_TD, stats = exchange.run(x_TD, slots_TK, w_TK, strategy=strategy, hop_caps=caps.hops,
-                             layout=layout, expert_fn=expert_fn)
+                                capacity=caps[name].expert, layout=layout)
+  y_TD, stats = exchange.run(x_TD, slots_TK, w_TK, strategy=strategy,
+                             hop_caps=caps[name].hops, layout=layout, expert_fn=expert_fn)
   rows, peak = _traffic(stats.hops, strategy.tiers, layout.shape)
-  dropped = {tier: s.dropped_pairs for tier, s in zip(strategy.tiers, stats.hops)}
+  dropped = {key: jnp.int32(0) for key in stage_keys}
+  dropped.update({tier: s.dropped_pairs for tier, s in zip(strategy.tiers, stats.hops)})
   dropped["expert"] = stats.expert_dropped
-  reduced = (jax.lax.psum(dropped, ALL), jax.lax.psum(rows, ALL), jax.lax.pmax(peak, ALL))
-  return y_TD, reduced
+  return y_TD, (jax.lax.psum(dropped, ALL), jax.lax.psum(rows, ALL), jax.lax.pmax(peak, ALL))
+
+
+def _device_step(x_TD, slots_TK, w_TK, expert_params, *, dispatch, caps, layout, profile,
+                 bytes_per_elem):
+  """Per device: run `dispatch`, or for "auto" price every strategy and run the cheapest."""
+  if dispatch != "auto":
+    keys = get_strategy(dispatch).tiers + ("expert",)
+    y_TD, reduced = _run_strategy(dispatch, x_TD, slots_TK, w_TK, expert_params, caps=caps,
+                                  layout=layout, stage_keys=keys)
+    return y_TD, reduced + (jnp.int32(STRATEGIES.index(dispatch)), {})
+  peaks = auto.live_peaks(slots_TK, shape=layout.shape,
+                          experts_per_device=layout.experts_per_device)
+  index, predicted = auto.choose(peaks, profile, shape=layout.shape,
+                                 d_model=x_TD.shape[-1], bytes_per_elem=bytes_per_elem)
+  # Every branch reports the same statistics structure: all stage names.
+  keys = tuple(dict.fromkeys(t for n in STRATEGIES for t in get_strategy(n).tiers)) + ("expert",)
+  branches = [functools.partial(_run_strategy, name, caps=caps, layout=layout, stage_keys=keys)
+              for name in STRATEGIES]
+  y_TD, reduced = jax.lax.switch(index, branches, x_TD, slots_TK, w_TK, expert_params)
+  return y_TD, reduced + (index, predicted)
 
 
 def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
@@ -130,16 +159,19 @@ def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
     z = routing_lib.z_loss(logits_TE)
   slots_TK = inverse_placement(placement, config.num_experts)[routing.ids_TK]
 
-  strategy = get_strategy(config.dispatch)
-  caps = capacities(strategy, tokens=tokens_per_device, top_k=config.top_k,
-                    num_experts=config.num_experts, shape=shape,
-                    capacity_factor=config.capacity_factor, dropless=config.dropless)
+  names = STRATEGIES if config.dispatch == "auto" else (config.dispatch,)
+  caps = {name: capacities(get_strategy(name), tokens=tokens_per_device, top_k=config.top_k,
+                           num_experts=config.num_experts, shape=shape,
+                           capacity_factor=config.capacity_factor, dropless=config.dropless)
+          for name in names}
+  profile = cost.load_profile(config.cost_profile) if config.dispatch == "auto" else None
   layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute,
                            ragged=_use_ragged(config, mesh))
   rows_spec = mesh_lib.sharded_rows(2)
   expert_specs = jax.tree.map(lambda a: mesh_lib.sharded_rows(a.ndim), params["experts"])
   step = jax.shard_map(
-      functools.partial(_device_step, strategy=strategy, caps=caps, layout=layout),
+      functools.partial(_device_step, dispatch=config.dispatch, caps=caps, layout=layout,
+                        profile=profile, bytes_per_elem=jnp.dtype(config.dtype).itemsize),
       mesh=mesh,
       in_specs=(rows_spec, rows_spec, rows_spec, expert_specs),
       out_specs=(rows_spec, mesh_lib.replicated()),
@@ -148,8 +180,8 @@ def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
       # here: every input is sharded and the replicated outputs are explicit psums.
       check_vma=config.permute_impl != "pallas")
   dtype = jnp.dtype(config.dtype)
-  y_TD, (dropped, rows, peak) = step(x_TD.astype(dtype), slots_TK, routing.weights_TK,
-                                      params["experts"])
+  y_TD, (dropped, rows, peak, strategy_index, predicted) = step(
+      x_TD.astype(dtype), slots_TK, routing.weights_TK, params["experts"])
   if config.shared_width:
     with jax.named_scope("shared_experts"):
       y_TD = y_TD + shared_experts(params, x_TD.astype(dtype))
@@ -167,7 +199,9 @@ def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
           "node": dedup_rates(slots_TK, experts_per_group=config.num_experts // shape.nodes),
           "device": dedup_rates(slots_TK, experts_per_group=config.num_experts // shape.devices),
       },
-      strategy=strategy.name,
+      strategy_index=strategy_index,
+      predicted_ms=predicted,
+      strategy=config.dispatch,
   )
   return y_TD.reshape(*lead, d_in).astype(x.dtype), aux
 
@@ -184,7 +218,7 @@ def collect_aux(intermediates) -> list[MoEAux]:
 
 def aux_metrics(aux: MoEAux) -> dict[str, Any]:
   """A flat dict of Python numbers, for logging."""
-  out = {"strategy": aux.strategy, "aux_loss": float(aux.aux_loss),
+  out = {"strategy": aux.strategy_ran(), "aux_loss": float(aux.aux_loss),
          "load_balance_loss": float(aux.load_balance_loss), "z_loss": float(aux.z_loss),
          "dropped": int(aux.dropped)}
   for group in ("rows", "max_rows_per_peer", "dedup_rate", "dropped_by_stage"):

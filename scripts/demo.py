@@ -12,7 +12,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import hiermoe_jax as hm  # noqa: E402
-from hiermoe_jax.config import STRATEGIES  # noqa: E402
+import hiermoe_jax.config  # noqa: E402
 
 
 def main():
@@ -22,12 +22,13 @@ def main():
   params = hm.init_params(jax.random.key(0), base, mesh)
   x = jax.random.normal(jax.random.key(1), (8, 64, base.d_model))  # 64 tokens per device
   ref = hm.reference_moe(params, x, base)
-  print(f"{'strategy':<12}{'max |y-ref|':>12}{'inter rows':>12}{'intra rows':>12}{'dropped':>9}")
-  for name in STRATEGIES:
+  print(f"{'strategy':<16}{'max |y-ref|':>12}{'inter rows':>12}{'intra rows':>12}{'dropped':>9}")
+  for name in hm.config.DISPATCH:
     config = base.replace(dispatch=name)
     y, aux = jax.jit(lambda p, x: hm.moe_apply(p, x, config=config, mesh=mesh))(params, x)
     err = float(jnp.max(jnp.abs(y - ref)))
-    print(f"{name:<12}{err:>12.2e}{int(aux.rows['inter']):>12}{int(aux.rows['intra']):>12}"
+    label = name if name != "auto" else f"auto:{aux.strategy_ran()}"
+    print(f"{label:<16}{err:>12.2e}{int(aux.rows['inter']):>12}{int(aux.rows['intra']):>12}"
           f"{int(aux.dropped):>9}")
   print(f"dedup rate: node {float(aux.dedup_rate['node']):.3f}, "
         f"device {float(aux.dedup_rate['device']):.3f}")
