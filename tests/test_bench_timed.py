@@ -79,6 +79,15 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_rejects_unknown_strategy(tmp_path):
-  proc, _ = _run_cli(tmp_path, "--strategies", "flat,auto")
+  proc, _ = _run_cli(tmp_path, "--strategies", "flat,alltoall")
   assert proc.returncode == 2
-  assert "'auto' is not available" in proc.stderr
+  assert "'alltoall' is not one of" in proc.stderr
+
+
+def test_cli_times_auto_with_the_strategy_it_picks(tmp_path):
+  proc, out = _run_cli(tmp_path, "--strategies", "flat,auto", "--profile", "paper_a6000")
+  assert proc.returncode == 0, proc.stderr
+  auto = json.loads(out.read_text())["results"][1]
+  assert auto["strategy"] == "auto" and auto["auto_choice"] in STRATEGIES[:4]
+  assert auto["time_ms"]["median"] > 0 and auto["predicted_ms"] > 0
+  assert f"auto:{auto['auto_choice']}" in proc.stdout

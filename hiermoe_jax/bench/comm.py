@@ -104,13 +104,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     synthetic.parse_routing(args.routing)
   except ValueError as e:
     p.error(str(e))
-  valid = STRATEGIES if args.analytic else tuple(STRATEGIES) + BASELINES
+  valid = config_lib.DISPATCH if args.analytic else config_lib.DISPATCH + BASELINES
   names = args.strategies.split(",")
-  if "auto" in names and "auto" not in config_lib.STRATEGIES:
-    p.error("--strategies: 'auto' is not available in this version (it is not in "
-            f"hiermoe_jax.config.STRATEGIES={list(config_lib.STRATEGIES)})")
-  if "auto" in names and not args.analytic:
-    p.error("--strategies: 'auto' is not supported by the timed benchmark yet")
   bad = [s for s in names if s not in valid]
   if bad:
     p.error(f"--strategies: {bad[0]!r} is not one of {list(valid)}")
@@ -135,10 +130,12 @@ def analytic(args, ids=None) -> dict:
     ids = synthetic.routing(args.routing, devices=nodes * local, tokens=args.tokens,
                             num_experts=args.experts, top_k=args.topk, seed=args.seed)
   names = args.strategies.split(",")
-  known = [n for n in names if n in STRATEGIES]
+  known = list(STRATEGIES) if "auto" in names else [n for n in names if n in STRATEGIES]
   per = traffic.stats(ids, mesh_shape=(nodes, local), num_experts=args.experts,
                       d_model=args.hidden, bytes_per_elem=args.bytes_per_elem,
                       strategies=known or ["flat"], capacity_factor=args.capacity_factor)
+  if "auto" in names:
+    per["auto"] = auto_entry(per, cost.load_profile(args.profile), (nodes, local), args)
   if "gspmd" in names:  # sends what flat sends (one copy per (token, expert)), padded
     per["gspmd"] = {**(per.get("flat") or traffic.stats(
         ids, mesh_shape=(nodes, local), num_experts=args.experts, d_model=args.hidden,
@@ -150,6 +147,14 @@ def analytic(args, ids=None) -> dict:
             "seed": args.seed, "capacity_factor": args.capacity_factor,
             "bytes_per_elem": args.bytes_per_elem, "inter_node_floor_rows": floor}
   return {"config": config, "results": list(per.values())}
+
+
+def auto_entry(per: dict, profile, mesh_shape, args) -> dict:
+  """What `auto` sends: the traffic of the strategy the cost model picks."""
+  predicted = {n: cost.predict(n, per[n], profile, mesh_shape=mesh_shape, d_model=args.hidden,
+                               bytes_per_elem=args.bytes_per_elem) for n in STRATEGIES}
+  best = min(STRATEGIES, key=lambda n: (predicted[n], STRATEGIES.index(n)))
+  return {**per[best], "strategy": "auto", "auto_choice": best}
 
 
 def table(report: dict) -> str:
@@ -175,14 +180,16 @@ def table(report: dict) -> str:
 def timed_table(report: dict) -> str:
   results = report["results"]
   base = next((r for r in results if r["strategy"] == "flat"), None)
-  lines = [f"{'strategy':<12}{'hop caps':>14}{'min ms':>10}{'median ms':>11}{'max ms':>10}"
+  lines = [f"{'strategy':<22}{'hop caps':>14}{'min ms':>10}{'median ms':>11}{'max ms':>10}"
            f"{'vs flat':>9}{'predicted':>11}{'pred err':>10}"]
   for r in results:
     t = r["time_ms"]
     speed = f"{base['time_ms']['median'] / t['median']:>8.2f}x" if base else f"{'-':>9}"
-    caps = "/".join(str(c) for c in r["hop_capacity"])
+    label = f"auto:{r['auto_choice']}" if "auto_choice" in r else r["strategy"]
+    caps = "/".join(str(c) for c in (r["hop_capacity_by_strategy"][r["auto_choice"]]
+                                     if "auto_choice" in r else r["hop_capacity"]))
     err = (r["predicted_ms"] - t["median"]) / t["median"]
-    lines.append(f"{r['strategy']:<12}{caps:>14}{t['min']:>10.1f}{t['median']:>11.1f}"
+    lines.append(f"{label:<22}{caps:>14}{t['min']:>10.1f}{t['median']:>11.1f}"
                  f"{t['max']:>10.1f}{speed}{r['predicted_ms']:>11.1f}{err:>+9.0%} ")
   return "\n".join(lines)
 
@@ -251,11 +258,21 @@ def timed(args) -> dict | None:
   info = timed_lib.benchmark(mesh, ids, strategies=names, num_experts=args.experts,
                              d_model=args.hidden, dtype=args.dtype, repeats=args.repeats,
                              warmup=args.warmup, backward=args.backward,
-                             gspmd_group=min(args.gspmd_group, args.tokens), seed=args.seed)
-  for r in report["results"]:
+                             gspmd_group=min(args.gspmd_group, args.tokens), seed=args.seed,
+                             profile=profile)
+  for i, r in enumerate(report["results"]):
     name = r["strategy"]
-    r.update(info[name])
-    r["predicted_ms"] = float(cost.predict(name, info[name]["hop_capacity"], profile,
+    if name == "auto":  # decided with the profile actually in use (it may be fitted)
+      stats = traffic.stats(ids, mesh_shape=(shape.nodes, shape.local),
+                            num_experts=args.experts, d_model=args.hidden,
+                            bytes_per_elem=bpe, strategies=STRATEGIES)
+      r = report["results"][i] = auto_entry(stats, profile, shape, args)
+      r.update(info[name])
+      caps = r["hop_capacity_by_strategy"][r["auto_choice"]]
+    else:
+      r.update(info[name])
+      caps = info[name]["hop_capacity"]
+    r["predicted_ms"] = float(cost.predict(r.get("auto_choice", name), caps, profile,
                                            mesh_shape=shape, d_model=args.hidden,
                                            bytes_per_elem=bpe))
     if args.backward:  # the VJP repeats every all-to-all once more

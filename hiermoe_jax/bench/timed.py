@@ -146,6 +146,35 @@ def exchange_step(mesh, strategy: str, hop_caps: tuple[int, ...], num_experts: i
   return jax.jit(_with_backward(forward, backward))
 
 
+def auto_step(mesh, caps_by_name: dict, num_experts: int, profile, *, d_model: int,
+              bytes_per_elem: int, backward: bool) -> Callable:
+  """Like `exchange_step`, but each call prices every strategy on the live routing
+  (hiermoe_jax.dispatch.auto) and runs the cheapest, decision included in the time."""
+  import jax
+  from hiermoe_jax.config import STRATEGIES
+  from hiermoe_jax.dispatch import auto
+  from hiermoe_jax.mesh import sharded_rows
+  layout = exchange.Layout(MeshShape.of(mesh), num_experts)
+
+  def branch(name, x_TD, slots_TK, w_TK):
+    y_TD, _ = exchange.run(x_TD, slots_TK, w_TK, strategy=get_strategy(name),
+                           hop_caps=caps_by_name[name], layout=layout,
+                           expert_fn=_stand_in_experts)
+    return y_TD
+
+  def device(x_TD, slots_TK, w_TK):
+    peaks = auto.live_peaks(slots_TK, shape=layout.shape,
+                            experts_per_device=layout.experts_per_device)
+    index, _ = auto.choose(peaks, profile, shape=layout.shape, d_model=d_model,
+                           bytes_per_elem=bytes_per_elem)
+    return jax.lax.switch(index, [functools.partial(branch, n) for n in STRATEGIES],
+                          x_TD, slots_TK, w_TK)
+
+  rows = sharded_rows(2)
+  forward = jax.shard_map(device, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows)
+  return jax.jit(_with_backward(forward, backward))
+
+
 def gspmd_step(mesh, *, group: int, capacity: int, num_experts: int,
                backward: bool) -> Callable:
   """GShard-style dense dispatch; XLA's SPMD partitioner inserts the all-to-alls."""
@@ -234,7 +263,7 @@ def summary(ms: np.ndarray) -> dict:
 
 def benchmark(mesh, ids_DTK: np.ndarray, *, strategies: list[str], num_experts: int,
               d_model: int, dtype: str, repeats: int, warmup: int, backward: bool,
-              gspmd_group: int, seed: int) -> dict[str, dict]:
+              gspmd_group: int, seed: int, profile=None) -> dict[str, dict]:
   """Times each strategy; returns {name: {"time_ms", "hop_capacity", ...}}."""
   import jax.numpy as jnp
   shape = MeshShape.of(mesh)
@@ -251,12 +280,17 @@ def benchmark(mesh, ids_DTK: np.ndarray, *, strategies: list[str], num_experts: 
       per_peer = (num_experts // shape.devices) * groups_per_device * cap
       info[name] = {"hop_capacity": [per_peer], "gspmd_group": gspmd_group,
                     "gspmd_expert_capacity": cap}
+    elif name == "auto":
+      from hiermoe_jax.config import STRATEGIES
+      caps = {n: tight_hop_caps(ids_DTK, n, shape, num_experts) for n in STRATEGIES}
+      fn = auto_step(mesh, caps, num_experts, profile, d_model=d_model,
+                     bytes_per_elem=jnp.dtype(dtype).itemsize, backward=backward)
+      info[name] = {"hop_capacity_by_strategy": {n: list(c) for n, c in caps.items()}}
     else:
       caps = tight_hop_caps(ids_DTK, name, shape, num_experts)
       fn = exchange_step(mesh, name, caps, num_experts, backward)
       info[name] = {"hop_capacity": list(caps)}
     steps[name] = functools.partial(fn, x_g, slots_g, w_g, ct_g)
-  del jnp
   times = time_interleaved(steps, repeats=repeats, warmup=warmup)
   for name in strategies:
     info[name]["time_ms"] = summary(times[name])
