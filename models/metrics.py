@@ -11,11 +11,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from hiermoe_jax.config import STRATEGIES
+
 
 def step_record(step: int, metrics, *, step_time_s: float, tokens: int,
                 eval_loss: float | None = None) -> dict[str, Any]:
   """One JSON object for metrics.jsonl; MoE fields are lists with one entry per MoE layer."""
-  m = {k: np.asarray(v) for k, v in vars(metrics).items() if k != "strategies"}
+  m = {k: np.asarray(v) for k, v in vars(metrics).items()}
   record = {
       "step": step,
       "loss": float(m["loss"]),
@@ -24,7 +26,7 @@ def step_record(step: int, metrics, *, step_time_s: float, tokens: int,
       "grad_norm": float(m["grad_norm"]),
       "step_time_s": step_time_s,
       "tokens_per_s": tokens / step_time_s if step_time_s > 0 else None,
-      "strategy": list(metrics.strategies),
+      "strategy": [STRATEGIES[int(i)] for i in m["strategy_index"]],  # resolves "auto"
       "dedup_rate": [{"node": float(n), "device": float(d)}
                      for n, d in zip(m["dedup_node"], m["dedup_device"])],
       "dropped": [int(d) for d in m["dropped"]],

@@ -39,7 +39,7 @@ class TrainState:
 
 @flax.struct.dataclass
 class StepMetrics:
-  """Per-step scalars, and per-MoE-layer vectors [L]; strategies are static."""
+  """Per-step scalars, and per-MoE-layer vectors [L]."""
   loss: jax.Array  # LM cross entropy
   aux_loss: jax.Array
   grad_norm: jax.Array  # before clipping
@@ -48,7 +48,7 @@ class StepMetrics:
   dedup_device: jax.Array
   dropped: jax.Array
   imbalance: jax.Array
-  strategies: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+  strategy_index: jax.Array  # per MoE layer: index into hm.config.STRATEGIES of what ran
 
 
 class Model:
@@ -123,7 +123,7 @@ class Model:
         dropped=_stack([a.dropped for a in auxes]),
         imbalance=_stack([imbalance(a.expert_counts, p, devices)
                           for a, p in zip(auxes, placements)]),
-        strategies=tuple(a.strategy for a in auxes))
+        strategy_index=_stack([a.strategy_index for a in auxes]))
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            buffers=buffers, rng=rng)
     return new_state, metrics

@@ -26,7 +26,7 @@ def parse_args(argv=None):
   p.add_argument("--checkpoint-every", type=int, help="train.checkpoint_every (0 = at the end)")
   p.add_argument("--keep", type=int, help="train.keep: checkpoints kept")
   p.add_argument("--data", help="data.path: text file/directory, or tokens in .bin/.npy")
-  p.add_argument("--dispatch", help="moe.dispatch: flat, flat_dedup, hier or hier_dedup")
+  p.add_argument("--dispatch", help="moe.dispatch: flat, flat_dedup, hier, hier_dedup or auto")
   p.add_argument("--capacity-factor", type=float, help="moe.capacity_factor")
   p.add_argument("--dropless", action="store_true", help="moe.dropless=true")
   p.add_argument("--swap-interval", type=int, help="train.swap_interval (0 = off)")
