@@ -1,0 +1,367 @@
+"""Expert-swap search (HierD-ES and beyond, DESIGN.md section 6). Pure numpy.
+
+Given a window of routing decisions and the current placement, find the expert
+swaps (pairs of physical slots on different devices) that minimise the modelled
+`hier_dedup` all-to-all time, and keep only those that pay for their migration.
+
+Objective of a placement (milliseconds per step):
+
+    time = sum over stages s in (inter, intra) with group size > 1 of
+             2 * (alpha_s + beta_s * group_s * smoothmax(loads_s) * D * bytes)
+         + compute_ms_per_pair * smoothmax(pairs per device)
+
+exactly `cost.predict_from_peak_rows("hier_dedup", ...)` with the peak replaced
+by the smooth max `max(x) * (sum_i (x_i / max x)^g)^(1/g)` (= the g-norm), g = 10.
+Loads (dropless, only rows that leave their device, as in `traffic.stats`):
+  stage 1 `L1[s, n]`: distinct tokens of source device s with an expert on node
+    n != node(s);
+  stage 2 `L2[l, d]`: distinct tokens, over source devices with local index l,
+    with an expert on device d; the stage-1 receiver is (node(d), l), so entries
+    with local(d) == l stay on their device and do not count.
+
+Incremental update, O(tokens * E^2) as dense BLAS products per group of tokens:
+for a token that chose r and not c, moving r to c's unit (node or device) adds 1
+to that unit unless the token already goes there, and removes 1 from r's old unit
+unless another chosen expert stays there (symmetric for c). With H[t, e] the
+token's hits per slot and C[t, u] its hits per unit,
+
+    delta at unit(r) for pair (r, c) = sum_t C[t, unit(r)] == 0 and H[t, c]
+                                     - sum_t C[t, unit(r)] == 1 and H[t, r] and not H[t, c]
+
+per group of tokens (source device for stage 1, source local index for stage 2).
+
+Legend: M tokens (all source devices), K top-k, E experts (= slots), U units,
+Q token groups, N nodes, G local devices per node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from hiermoe_jax import cost as cost_lib
+from hiermoe_jax.mesh import MeshShape
+
+PARAM_MATRICES = 3  # gate, up, down per expert
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """Cost parameters of a swap decision.
+
+  profile: alpha-beta per stage kind (`cost.load_profile(...)`).
+  d_model, d_ff: expert dims (activation rows are d_model wide; an expert holds
+    3 matrices of d_model * d_ff).
+  bytes_per_elem: bytes per activation element in the all-to-all.
+  param_bytes_per_elem: bytes per weight / optimizer-state element.
+  optimizer_slots: optimizer-state copies per weight that move with it (Adam: 2).
+  steps_until_next_decision: steps over which a swap's per-step saving is earned.
+  max_pairs: disjoint pairs accepted per decision (the paper uses 1).
+  compute_ms_per_pair: weight of the compute-imbalance term, ms per (token,
+    expert) pair on the most loaded device; 0 disables it (the paper's objective).
+  smooth_g: exponent of the smooth max.
+  migration: price migration through the cost model (False: free, for tests and
+    for bounding the achievable gain).
+  """
+  profile: cost_lib.CostProfile
+  d_model: int
+  d_ff: int
+  bytes_per_elem: int = 4
+  param_bytes_per_elem: int = 4
+  optimizer_slots: int = 2
+  steps_until_next_decision: int = 100
+  max_pairs: int = 1
+  compute_ms_per_pair: float = 0.0
+  smooth_g: float = 10.0
+  migration: bool = True
+
+  def __post_init__(self):
+    if not isinstance(self.profile, cost_lib.CostProfile):
+      raise ValueError(f"SearchConfig.profile={self.profile!r} is invalid: must be a "
+                       "CostProfile (e.g. cost.load_profile('default'))")
+    for name, low in (("d_model", 1), ("d_ff", 1), ("bytes_per_elem", 1),
+                      ("param_bytes_per_elem", 1), ("optimizer_slots", 0),
+                      ("steps_until_next_decision", 0), ("max_pairs", 0)):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"SearchConfig.{name}={value!r} is invalid: must be an int >= {low}")
+    for name, low in (("compute_ms_per_pair", 0.0), ("smooth_g", 1.0)):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+          math.isfinite(value) and value >= low):
+        raise ValueError(f"SearchConfig.{name}={value!r} is invalid: must be a finite "
+                         f"number >= {low}")
+
+  @property
+  def bytes_per_swap(self) -> int:
+    """Two experts' weights and optimizer state."""
+    return (2 * PARAM_MATRICES * (1 + self.optimizer_slots) * self.d_model * self.d_ff
+            * self.param_bytes_per_elem)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapPlan:
+  """The result of one decision. `pairs` are physical slot pairs (i < j), in the
+  order accepted; `placement` is the new slot -> logical expert map."""
+  placement: np.ndarray
+  pairs: tuple[tuple[int, int], ...]
+  time_before_ms: float
+  time_after_ms: float
+  migration_ms: float
+  bytes_to_move: int
+
+  @property
+  def gain_ms(self) -> float:
+    """Predicted saving per step."""
+    return self.time_before_ms - self.time_after_ms
+
+  @property
+  def changed(self) -> bool:
+    return bool(self.pairs)
+
+
+# --- statistics --------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Tier:
+  """Loads of one stage and the per-pair deltas of its units."""
+  loads_QU: np.ndarray  # float64 [Q, U]
+  valid_QU: np.ndarray  # bool [Q, U]: the entry is a row that leaves its device
+  delta_QEE: np.ndarray  # [Q, r, c]: change at unit(r) when slots r and c swap
+  unit_E: np.ndarray  # unit of each slot
+
+
+def _hits(topk_ids, placement, shape: MeshShape) -> np.ndarray:
+  """H [M, E] float32 0/1: token m chose the expert in slot e (tokens in source order)."""
+  ids = np.asarray(topk_ids)
+  devices, tokens, top_k = ids.shape
+  num_experts = placement.shape[0]
+  slot_of = np.argsort(placement)
+  slots_MK = slot_of[ids.reshape(devices * tokens, top_k)]
+  hits = np.zeros((devices * tokens, num_experts), np.float32)
+  np.put_along_axis(hits, slots_MK, 1.0, axis=1)
+  return hits
+
+
+def _tier(hits_QTE, unit_E, num_units, valid_QU) -> _Tier:
+  """Loads and per-pair deltas of one tier (units: nodes or devices).
+
+  hits_QTE: float32 0/1 hits of the tokens grouped by load row q (exact sums
+  while a group has < 2^24 tokens).
+  """
+  num_experts = unit_E.shape[0]
+  onehot_EU = np.zeros((num_experts, num_units), np.float32)
+  onehot_EU[np.arange(num_experts), unit_E] = 1.0
+  count_QTU = hits_QTE @ onehot_EU
+  zero_QTE = (count_QTU == 0)[..., unit_E].astype(np.float32)  # the token misses unit(e)
+  only_QTE = hits_QTE * (count_QTU == 1)[..., unit_E]  # e is its only hit on unit(e)
+  loads = np.sum(count_QTU > 0, axis=1).astype(np.float64)
+  # Gains at unit(r) from tokens with c: z^T h. Losses at unit(r) from tokens whose
+  # only hit there is r and that do not have c: sum(o) - o^T h.
+  # (2D products per group: numpy's batched matmul of transposed views can miss BLAS.)
+  delta = np.stack([z.T @ h + o.T @ h for z, o, h in zip(zero_QTE, only_QTE, hits_QTE)])
+  delta = delta.astype(np.float64) - only_QTE.sum(1, dtype=np.float64)[:, :, None]
+  same = unit_E[:, None] == unit_E[None, :]
+  delta[:, same] = 0.0
+  return _Tier(np.where(valid_QU, loads, 0.0), valid_QU, delta, unit_E)
+
+
+def _tiers(hits_ME, shape: MeshShape, tokens: int):
+  num_experts = hits_ME.shape[1]
+  slot_device = np.arange(num_experts) // (num_experts // shape.devices)
+  source_node = np.arange(shape.devices) // shape.local
+  hits = np.asarray(hits_ME, np.float32)
+  # Stage 1 rows: source device. Stage 2 rows: source local index (over all nodes).
+  by_source = hits.reshape(shape.devices, tokens, num_experts)
+  by_local = np.swapaxes(hits.reshape(shape.nodes, shape.local, tokens, num_experts), 0, 1)
+  by_local = by_local.reshape(shape.local, shape.nodes * tokens, num_experts)
+  inter = _tier(by_source, slot_device // shape.local, shape.nodes,
+                source_node[:, None] != np.arange(shape.nodes)[None, :])
+  intra = _tier(by_local, slot_device, shape.devices,
+                np.arange(shape.local)[:, None] != (np.arange(shape.devices) % shape.local)[None])
+  return inter, intra
+
+
+def _power_sums(tier: _Tier, g: float, scale: float):
+  """(sum x^g over all entries, per unit, per pair after the swap), x scaled."""
+  x_QU = tier.loads_QU / scale
+  col_U = np.sum(np.where(tier.valid_QU, x_QU, 0.0) ** g, axis=0)
+  unit_E = tier.unit_E
+  new_QEE = (tier.loads_QU[:, unit_E][:, :, None] + tier.delta_QEE) / scale
+  new_QEE = np.where(tier.valid_QU[:, unit_E][:, :, None], np.maximum(new_QEE, 0.0), 0.0)
+  new_col_EE = np.sum(new_QEE ** g, axis=0)  # [r, c]: new sum over unit(r)'s column
+  total = col_U.sum()
+  pair = (total - col_U[unit_E][:, None] - col_U[unit_E][None, :]
+          + new_col_EE + new_col_EE.T)
+  same = unit_E[:, None] == unit_E[None, :]
+  return total, np.where(same, total, np.maximum(pair, 0.0))
+
+
+def smooth_max(x, g: float = 10.0) -> float:
+  """max(x) * (sum_i (x_i / max x)^g)^(1/g); 0 for an all-zero x."""
+  x = np.asarray(x, np.float64).ravel()
+  top = x.max(initial=0.0)
+  return 0.0 if top == 0 else float(top * np.sum((x / top) ** g) ** (1.0 / g))
+
+
+def _stage_time(kind: str, smax, config: SearchConfig, shape: MeshShape):
+  group = cost_lib.group_size(kind, shape)
+  if group == 1:  # as in cost.predict_from_peak_rows: a local copy
+    return 0.0
+  stage = config.profile.stage(kind)
+  return 2 * stage.time_ms(cost_lib.stage_bytes(group, smax, config.d_model,
+                                                config.bytes_per_elem))
+
+
+def _objectives(hits_ME, shape: MeshShape, tokens: int, config: SearchConfig):
+  """(time now, time after swapping slots r and c [E, E]) in ms."""
+  g = config.smooth_g
+  now, after = 0.0, 0.0
+  for kind, tier in zip(("inter", "intra"), _tiers(hits_ME, shape, tokens)):
+    scale = max(float(tier.loads_QU.max(initial=0.0)), 1.0)
+    total, pair = _power_sums(tier, g, scale)
+    now = now + _stage_time(kind, scale * total ** (1 / g), config, shape)
+    after = after + _stage_time(kind, scale * pair ** (1 / g), config, shape)
+  if config.compute_ms_per_pair:
+    num_experts = hits_ME.shape[1]
+    per_device = num_experts // shape.devices
+    n_E = hits_ME.sum(0, dtype=np.float64)
+    w_U = n_E.reshape(shape.devices, per_device).sum(1)
+    unit_E = np.arange(num_experts) // per_device
+    diff = n_E[None, :] - n_E[:, None]  # [r, c]: unit(r) gains n_c - n_r
+    scale = max(float(w_U.max()), 1.0)
+    col_U = (w_U / scale) ** g
+    total = col_U.sum()
+    pair = (total - col_U[unit_E][:, None] - col_U[unit_E][None, :]
+            + ((w_U[unit_E][:, None] + diff) / scale) ** g
+            + ((w_U[unit_E][None, :] - diff) / scale) ** g)
+    same = unit_E[:, None] == unit_E[None, :]
+    pair = np.where(same, total, np.maximum(pair, 0.0))
+    now = now + config.compute_ms_per_pair * scale * total ** (1 / g)
+    after = after + config.compute_ms_per_pair * scale * pair ** (1 / g)
+  return float(now), np.asarray(after, np.float64)
+
+
+# --- public API --------------------------------------------------------------
+
+def stage_loads(topk_ids, placement, mesh_shape):
+  """Deduplicated `hier_dedup` loads (L1 [N*G, N], L2 [G, N*G]), self entries zero."""
+  shape = _shape(mesh_shape)
+  placement = _placement(placement, np.asarray(topk_ids), shape)
+  hits = _hits(topk_ids, placement, shape)
+  inter, intra = _tiers(hits, shape, np.asarray(topk_ids).shape[1])
+  return inter.loads_QU.astype(np.int64), intra.loads_QU.astype(np.int64)
+
+
+def swapped_loads(topk_ids, placement, mesh_shape, i: int, j: int):
+  """The loads after swapping slots i and j, by the incremental update."""
+  shape = _shape(mesh_shape)
+  placement = _placement(placement, np.asarray(topk_ids), shape)
+  hits = _hits(topk_ids, placement, shape)
+  out = []
+  for tier in _tiers(hits, shape, np.asarray(topk_ids).shape[1]):
+    loads = tier.loads_QU.copy()
+    ui, uj = tier.unit_E[i], tier.unit_E[j]
+    if ui != uj:
+      loads[:, ui] += np.where(tier.valid_QU[:, ui], tier.delta_QEE[:, i, j], 0.0)
+      loads[:, uj] += np.where(tier.valid_QU[:, uj], tier.delta_QEE[:, j, i], 0.0)
+    out.append(loads.astype(np.int64))
+  return tuple(out)
+
+
+def predicted_time_ms(topk_ids, placement, mesh_shape, config: SearchConfig) -> float:
+  """The objective of one placement (ms per step)."""
+  shape = _shape(mesh_shape)
+  placement = _placement(placement, np.asarray(topk_ids), shape)
+  return _objectives(_hits(topk_ids, placement, shape), shape,
+                     np.asarray(topk_ids).shape[1], config)[0]
+
+
+def swap_objectives(topk_ids, placement, mesh_shape, config: SearchConfig):
+  """(time now, [E, E] time after swapping each slot pair); same-device pairs = now."""
+  shape = _shape(mesh_shape)
+  placement = _placement(placement, np.asarray(topk_ids), shape)
+  return _objectives(_hits(topk_ids, placement, shape), shape,
+                     np.asarray(topk_ids).shape[1], config)
+
+
+def migration_ms(i: int, j: int, num_experts: int, mesh_shape, config: SearchConfig) -> float:
+  """Modelled time to exchange the experts (and optimizer state) in slots i and j."""
+  if not config.migration:
+    return 0.0
+  shape = _shape(mesh_shape)
+  per_device = num_experts // shape.devices
+  node_i, node_j = (s // per_device // shape.local for s in (i, j))
+  kind = "inter" if node_i != node_j else "intra"
+  return config.profile.stage(kind).time_ms(config.bytes_per_swap)
+
+
+def search(topk_ids, placement, mesh_shape, config: SearchConfig) -> SwapPlan:
+  """Chooses up to `config.max_pairs` disjoint slot swaps, greedily.
+
+  topk_ids: int [N*G, T, K] logical expert ids, one row of tokens per source
+    device in mesh order (concatenate several steps along T for a longer window).
+  placement: [E] slot -> logical expert, the current placement (None: identity).
+  Each round evaluates every pair of slots on different devices not yet used,
+  takes the lowest time (ties: lowest (i, j) in row-major order), and accepts it
+  only if its saving times `steps_until_next_decision` exceeds its migration
+  time; the next round starts from the placement with the accepted swaps.
+  Deterministic: the same statistics give the same plan on every host.
+  """
+  shape = _shape(mesh_shape)
+  ids = np.asarray(topk_ids)
+  placement = _placement(placement, ids, shape)
+  num_experts = placement.shape[0]
+  per_device = num_experts // shape.devices
+  device_E = np.arange(num_experts) // per_device
+  blocked = device_E[:, None] == device_E[None, :]
+  blocked |= np.tril(np.ones((num_experts, num_experts), bool))  # keep i < j only
+  current = placement.copy()
+  hits = _hits(ids, current, shape)
+  before, after = _objectives(hits, shape, ids.shape[1], config)
+  now, pairs, migration = before, [], 0.0
+  for round_ in range(config.max_pairs):
+    if round_:  # statistics of the placement with the swaps accepted so far
+      now, after = _objectives(_hits(ids, current, shape), shape, ids.shape[1], config)
+    # Round to 12 significant digits so float noise cannot split exact ties.
+    key = np.where(blocked, np.inf, np.round(after / max(now, 1e-30), 12))
+    flat = int(np.argmin(key))
+    if not np.isfinite(key.flat[flat]):
+      break
+    i, j = divmod(flat, num_experts)
+    gain = now - float(after[i, j])
+    cost_ms = migration_ms(i, j, num_experts, shape, config)
+    if gain <= 1e-9 * max(now, 1e-30) or gain * config.steps_until_next_decision <= cost_ms:
+      break
+    current[[i, j]] = current[[j, i]]
+    pairs.append((i, j))
+    migration += cost_ms
+    now = float(after[i, j])
+    blocked[[i, j], :] = True
+    blocked[:, [i, j]] = True
+  return SwapPlan(placement=current, pairs=tuple(pairs), time_before_ms=float(before),
+                  time_after_ms=float(now), migration_ms=float(migration),
+                  bytes_to_move=len(pairs) * config.bytes_per_swap)
+
+
+def _shape(mesh_shape) -> MeshShape:
+  return mesh_shape if isinstance(mesh_shape, MeshShape) else MeshShape(*mesh_shape)
+
+
+def _placement(placement, ids: np.ndarray, shape: MeshShape) -> np.ndarray:
+  if ids.ndim != 3 or ids.shape[0] != shape.devices:
+    raise ValueError(f"topk_ids has shape {ids.shape}; expected [N*G={shape.devices}, T, K]")
+  if placement is None:
+    raise ValueError("placement is None; pass the current [E] placement "
+                     "(np.arange(E) for the identity)")
+  placement = np.asarray(placement).astype(np.int32)
+  num_experts = placement.shape[0]
+  if placement.ndim != 1 or not np.array_equal(np.sort(placement), np.arange(num_experts)):
+    raise ValueError(f"placement={placement.tolist()} is not a permutation of range(E)")
+  if num_experts % shape.devices:
+    raise ValueError(f"num_experts={num_experts} must be a multiple of {shape.devices} devices")
+  if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+    raise ValueError(f"topk_ids must lie in [0, {num_experts}); got [{ids.min()}, {ids.max()}]")
+  return placement

@@ -1,0 +1,222 @@
+"""Expert-swap search: incremental loads vs recounts, objective, decisions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from hiermoe_jax import cost, traffic
+from hiermoe_jax.mesh import MeshShape
+from hiermoe_jax.swap.search import (SearchConfig, migration_ms, predicted_time_ms, search,
+                                     smooth_max, stage_loads, swap_objectives, swapped_loads)
+
+PROFILE = cost.load_profile("paper_a6000")
+
+
+def random_ids(shape, tokens, top_k, num_experts, seed, skew=0.0):
+  """[N*G, T, K] distinct logical ids per token; skew > 0 favours low expert ids."""
+  rng = np.random.default_rng(seed)
+  p = np.exp(-skew * np.arange(num_experts))
+  p /= p.sum()
+  return np.stack([np.stack([rng.choice(num_experts, top_k, replace=False, p=p)
+                             for _ in range(tokens)]) for _ in range(shape[0] * shape[1])])
+
+
+def loop_loads(ids, placement, shape):
+  """Brute force: L1 [N*G, N] and L2 [G, N*G] by walking every token."""
+  nodes, local = shape
+  devices = nodes * local
+  per_device = len(placement) // devices
+  slot_of = np.argsort(placement)
+  l1 = np.zeros((devices, nodes), int)
+  l2 = np.zeros((local, devices), int)
+  for src in range(devices):
+    for token in ids[src]:
+      dests = {int(slot_of[e]) // per_device for e in token}
+      for n in {d // local for d in dests}:
+        if n != src // local:
+          l1[src, n] += 1
+      for d in dests:
+        if d % local != src % local:
+          l2[src % local, d] += 1
+  return l1, l2
+
+
+def swapped(placement, i, j):
+  out = np.array(placement)
+  out[[i, j]] = out[[j, i]]
+  return out
+
+
+def config(**overrides):
+  return SearchConfig(**{"profile": PROFILE, "d_model": 32, "d_ff": 48, **overrides})
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (4, 2), (1, 4), (4, 1)])
+def test_stage_loads_match_bruteforce_and_traffic(shape):
+  ids = random_ids(shape, 12, 3, 16, seed=1, skew=0.2)
+  placement = np.random.default_rng(2).permutation(16)
+  l1, l2 = stage_loads(ids, placement, shape)
+  e1, e2 = loop_loads(ids, placement, shape)
+  np.testing.assert_array_equal(l1, e1)
+  np.testing.assert_array_equal(l2, e2)
+  # Same rows as the exchange-engine replay of hier_dedup (self entries excluded).
+  mesh_shape = MeshShape(*shape)
+  hops = traffic.simulate(np.argsort(placement)[ids], "hier_dedup", mesh_shape, 16)["hops"]
+  sent1 = hops[0]["sent"]
+  sent1[np.arange(mesh_shape.devices), np.arange(mesh_shape.devices) // shape[1]] = 0
+  np.testing.assert_array_equal(l1, sent1)
+  receiver, peer = np.indices(hops[1]["sent"].shape)
+  sent2 = np.zeros_like(l2)
+  sent2[receiver % shape[1], (receiver // shape[1]) * shape[1] + peer] = hops[1]["sent"]
+  sent2[receiver % shape[1], receiver] = 0
+  np.testing.assert_array_equal(l2, sent2)
+
+
+@pytest.mark.parametrize("shape,num_experts", [((2, 4), 16), ((4, 2), 8), ((2, 2), 12)])
+def test_incremental_loads_equal_recount_for_every_pair(shape, num_experts):
+  ids = random_ids(shape, 10, 3, num_experts, seed=3, skew=0.3)
+  placement = np.random.default_rng(4).permutation(num_experts)
+  for i in range(num_experts):
+    for j in range(num_experts):
+      got = swapped_loads(ids, placement, shape, i, j)
+      want = loop_loads(ids, swapped(placement, i, j), shape)
+      np.testing.assert_array_equal(got[0], want[0], err_msg=f"stage 1, pair {(i, j)}")
+      np.testing.assert_array_equal(got[1], want[1], err_msg=f"stage 2, pair {(i, j)}")
+
+
+def test_objective_is_smoothed_cost_model():
+  shape = (2, 4)
+  ids = random_ids(shape, 16, 4, 16, seed=5, skew=0.2)
+  placement = np.random.default_rng(6).permutation(16)
+  cfg = config(compute_ms_per_pair=1e-3)
+  l1, l2 = loop_loads(ids, placement, shape)
+  comm = cost.predict_from_peak_rows("hier_dedup", (smooth_max(l1), smooth_max(l2)), PROFILE,
+                                     MeshShape(*shape), cfg.d_model, cfg.bytes_per_elem)
+  pairs_per_device = np.bincount(np.argsort(placement)[ids].ravel() // 2, minlength=8)
+  want = comm + cfg.compute_ms_per_pair * smooth_max(pairs_per_device)
+  np.testing.assert_allclose(predicted_time_ms(ids, placement, shape, cfg), want, rtol=1e-12)
+  # The smooth max tends to the max as g grows, and is the g-norm.
+  x = np.array([3.0, 7.0, 7.0, 1.0])
+  np.testing.assert_allclose(smooth_max(x, 10), np.sum(x ** 10) ** 0.1)
+  assert 7.0 < smooth_max(x, 10) < smooth_max(x, 5)
+
+
+@pytest.mark.parametrize("compute_ms", [0.0, 2e-3])
+def test_pair_objectives_equal_recomputed_objective(compute_ms):
+  shape, num_experts = (2, 4), 16
+  ids = random_ids(shape, 12, 4, num_experts, seed=7, skew=0.4)
+  placement = np.random.default_rng(8).permutation(num_experts)
+  cfg = config(compute_ms_per_pair=compute_ms)
+  now, after = swap_objectives(ids, placement, shape, cfg)
+  np.testing.assert_allclose(now, predicted_time_ms(ids, placement, shape, cfg), rtol=1e-12)
+  for i in range(num_experts):
+    for j in range(num_experts):
+      want = predicted_time_ms(ids, swapped(placement, i, j), shape, cfg)
+      np.testing.assert_allclose(after[i, j], want, rtol=1e-9, err_msg=f"pair {(i, j)}")
+
+
+def test_crafted_skew_finds_known_best_pair():
+  # 2x2 mesh, 2 slots per device: d0 = {0, 1}, d1 = {2, 3}, d2 = {4, 5}, d3 = {6, 7}.
+  # Every token picks {0, 1, 7}: bringing expert 7 onto node 0 (device 1, slot 2 or
+  # 3, both idle) removes all inter-node rows from node 0; the tie between slots 2
+  # and 3 goes to the lower pair index.
+  shape = (2, 2)
+  ids = np.broadcast_to(np.array([0, 1, 7]), (4, 6, 3)).copy()
+  cfg = config(migration=False)
+  plan = search(ids, np.arange(8), shape, cfg)
+  assert plan.pairs == ((2, 7),)
+  np.testing.assert_array_equal(plan.placement, [0, 1, 7, 3, 4, 5, 6, 2])
+  _, after = swap_objectives(ids, np.arange(8), shape, cfg)
+  assert after[2, 7] == after[3, 7] < np.delete(after.ravel(), [2 * 8 + 7, 3 * 8 + 7,
+                                                                7 * 8 + 2, 7 * 8 + 3]).min()
+  np.testing.assert_allclose(plan.time_after_ms, predicted_time_ms(ids, plan.placement, shape,
+                                                                   cfg), rtol=1e-12)
+  assert plan.gain_ms > 0 and plan.migration_ms == 0.0 and plan.bytes_to_move == cfg.bytes_per_swap
+
+
+def test_search_takes_the_argmin_over_all_pairs():
+  shape, num_experts = (2, 4), 16
+  ids = random_ids(shape, 24, 4, num_experts, seed=9, skew=0.5)
+  placement = np.random.default_rng(10).permutation(num_experts)
+  cfg = config(migration=False)
+  plan = search(ids, placement, shape, cfg)
+  device = np.arange(num_experts) // 2
+  best = min((predicted_time_ms(ids, swapped(placement, i, j), shape, cfg), i, j)
+             for i in range(num_experts) for j in range(i + 1, num_experts)
+             if device[i] != device[j])
+  assert plan.pairs == ((best[1], best[2]),)
+  np.testing.assert_allclose(plan.time_after_ms, best[0], rtol=1e-9)
+
+
+def test_multi_pair_is_disjoint_and_greedy():
+  shape, num_experts = (2, 4), 16
+  ids = random_ids(shape, 24, 4, num_experts, seed=11, skew=0.6)
+  placement = np.random.default_rng(12).permutation(num_experts)
+  single = search(ids, placement, shape, config(migration=False))
+  plan = search(ids, placement, shape, config(migration=False, max_pairs=4))
+  assert len(plan.pairs) >= 2 and plan.pairs[0] == single.pairs[0]
+  slots = [s for pair in plan.pairs for s in pair]
+  assert len(slots) == len(set(slots)), plan.pairs
+  assert all(i // 2 != j // 2 for i, j in plan.pairs)
+  # Replaying the accepted pairs gives the new placement and strictly falling times.
+  current, times = np.array(placement), [plan.time_before_ms]
+  for i, j in plan.pairs:
+    current = swapped(current, i, j)
+    times.append(predicted_time_ms(ids, current, shape, config()))
+  np.testing.assert_array_equal(plan.placement, current)
+  assert all(b < a for a, b in zip(times, times[1:]))
+  np.testing.assert_allclose(plan.time_after_ms, times[-1], rtol=1e-9)
+  assert plan.bytes_to_move == len(plan.pairs) * config().bytes_per_swap
+
+
+def test_swap_that_does_not_pay_is_refused():
+  shape, num_experts = (2, 4), 16
+  ids = random_ids(shape, 24, 4, num_experts, seed=13, skew=0.5)
+  placement = np.arange(num_experts)
+  free = search(ids, placement, shape, config(migration=False))
+  assert free.changed
+  (i, j), = free.pairs
+  cfg = config(d_ff=4096, steps_until_next_decision=1)
+  move_ms = migration_ms(i, j, num_experts, shape, cfg)
+  assert free.gain_ms < move_ms
+  refused = search(ids, placement, shape, cfg)
+  assert not refused.changed and refused.bytes_to_move == 0
+  np.testing.assert_array_equal(refused.placement, placement)
+  assert refused.time_after_ms == refused.time_before_ms
+  # The same swap pays once its saving is earned over enough steps.
+  steps = int(np.ceil(move_ms / free.gain_ms)) + 1
+  accepted = search(ids, placement, shape,
+                    dataclasses.replace(cfg, steps_until_next_decision=steps))
+  assert accepted.pairs == free.pairs
+  np.testing.assert_allclose(accepted.migration_ms, move_ms)
+  inter = PROFILE.inter.time_ms(cfg.bytes_per_swap)
+  intra = PROFILE.intra.time_ms(cfg.bytes_per_swap)
+  assert move_ms == (inter if i // 8 != j // 8 else intra)
+  assert cfg.bytes_per_swap == 2 * 3 * 3 * 32 * 4096 * 4
+
+
+def test_deterministic():
+  shape, num_experts = (2, 4), 16
+  ids = random_ids(shape, 24, 4, num_experts, seed=15, skew=0.4)
+  placement = np.random.default_rng(16).permutation(num_experts)
+  cfg = config(migration=False, max_pairs=3, compute_ms_per_pair=1e-3)
+  plans = [search(ids.copy(), placement.copy(), shape, cfg) for _ in range(3)]
+  for plan in plans[1:]:
+    assert plan.pairs == plans[0].pairs
+    np.testing.assert_array_equal(plan.placement, plans[0].placement)
+    assert plan.time_after_ms == plans[0].time_after_ms
+
+
+def test_no_candidate_on_one_device_and_validation():
+  ids = random_ids((1, 1), 8, 2, 4, seed=17)
+  plan = search(ids, np.arange(4), (1, 1), config(migration=False))
+  assert not plan.changed and plan.time_before_ms == 0.0
+  with pytest.raises(ValueError, match="permutation"):
+    search(ids, np.array([0, 0, 1, 2]), (1, 1), config())
+  with pytest.raises(ValueError, match=r"N\*G=2"):
+    search(ids, np.arange(4), (1, 2), config())
+  with pytest.raises(ValueError, match="max_pairs"):
+    config(max_pairs=-1)
