@@ -9,6 +9,7 @@ Legend: T tokens, K top-k, E experts, D model dim.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any
 
@@ -147,9 +148,17 @@ def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
   """
   shape = validate_for_mesh(config, mesh)
   validate_placement(placement, config.num_experts)
+  validate_tokens(math.prod(x.shape[:-1]), x.shape[-1], config, shape)
+  return _moe_apply(params, x, placement, router_bias, config=config, mesh=mesh)
+
+
+# Under an outer jit this is inlined; called eagerly, it compiles once per
+# (config, mesh, shapes) instead of dispatching every op through shard_map.
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Mesh):
+  shape = MeshShape.of(mesh)
   lead, d_in = x.shape[:-1], x.shape[-1]
   x_TD = x.reshape(-1, d_in)
-  validate_tokens(x_TD.shape[0], d_in, config, shape)
   tokens_per_device = x_TD.shape[0] // shape.devices
 
   with jax.named_scope("router"):
