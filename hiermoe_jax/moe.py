@@ -42,6 +42,7 @@ class MoEAux:
   load_balance_loss: jax.Array
   z_loss: jax.Array
   expert_counts: jax.Array  # [E] (token, expert) pairs per logical expert
+  topk_ids: jax.Array  # [tokens, K] logical expert ids, token-sharded in mesh order
   dropped: jax.Array  # (token, expert) pairs dropped at any stage
   dropped_by_stage: dict[str, jax.Array]  # per hop tier and "expert"
   rows: dict[str, jax.Array]  # {"inter", "intra"} rows sent, summed over devices
@@ -200,6 +201,7 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
       load_balance_loss=lb_loss,
       z_loss=z,
       expert_counts=routing_lib.expert_counts(routing.ids_TK, config.num_experts),
+      topk_ids=routing.ids_TK,
       dropped=sum(dropped.values()),
       dropped_by_stage=dropped,
       rows=rows,
