@@ -93,3 +93,17 @@ def test_bad_cost_profile_is_a_clear_error():
   params, x, _, _ = random_inputs(config, mesh)
   with pytest.raises(ValueError, match="'no_such_profile' is neither a shipped profile"):
     hm.moe_apply(params, x, config=config, mesh=mesh)
+
+
+def test_single_tier_meshes_only_price_flat_strategies(tmp_path):
+  """On 1x8 a hierarchical strategy is a flat one plus a local copy: never picked,
+  even by a profile that makes intra-node bytes look cheaper than flat ones."""
+  mesh = mesh_of("1x8")
+  path = _profile(tmp_path, "intra_cheap", 1e-3, 1e-9, 1e-6)
+  config = router_config("softmax", dispatch="auto", cost_profile=path)
+  params, x, placement, _ = random_inputs(config, mesh, tokens_per_device=16)
+  y, aux = jax.jit(lambda p, x: hm.moe_apply(p, x, config=config, mesh=mesh,
+                                             placement=placement))(params, x)
+  assert float(aux.predicted_ms["hier_dedup"]) < float(aux.predicted_ms["flat_dedup"])
+  assert aux.strategy_ran() in ("flat", "flat_dedup")
+  assert_trees_close(y, hm.reference_moe(params, x, config, placement=placement))

@@ -23,6 +23,7 @@ import numpy as np
 from hiermoe_jax import config as config_lib
 from hiermoe_jax import cost, synthetic, traffic
 from hiermoe_jax.config import STRATEGIES
+from hiermoe_jax.dispatch import auto
 from hiermoe_jax.mesh import MeshShape
 
 BASELINES = ("gspmd",)  # timed mode only: XLA-partitioned dense dispatch
@@ -153,7 +154,9 @@ def auto_entry(per: dict, profile, mesh_shape, args) -> dict:
   """What `auto` sends: the traffic of the strategy the cost model picks."""
   predicted = {n: cost.predict(n, per[n], profile, mesh_shape=mesh_shape, d_model=args.hidden,
                                bytes_per_elem=args.bytes_per_elem) for n in STRATEGIES}
-  best = min(STRATEGIES, key=lambda n: (predicted[n], STRATEGIES.index(n)))
+  shape = mesh_shape if isinstance(mesh_shape, MeshShape) else MeshShape(*mesh_shape)
+  names = auto.candidates(shape)
+  best = min(names, key=lambda n: (predicted[n], STRATEGIES.index(n)))
   return {**per[best], "strategy": "auto", "auto_choice": best}
 
 

@@ -6,7 +6,7 @@ counts the rows it would send to every destination device / node, once per
 rows each stage-1 receiver forwards inside its node; a pmax over all devices
 gives every hop's peak rows per peer, identical on all devices. The cost model
 prices each strategy from those peaks and every device takes the same argmin.
-The decision costs two small reductions, no all-to-all.
+The decision costs two small reductions (one psum, one pmax), no all-to-all.
 """
 
 from __future__ import annotations
@@ -34,34 +34,53 @@ def _peak_excluding(counts, me):
 
 
 def live_peaks(slots_TK, *, shape: MeshShape, experts_per_device: int) -> dict:
-  """Per strategy, per hop: the most rows any device sends to one other peer."""
+  """Per strategy, per hop: the most rows any device sends to one other peer.
+
+  Two collectives in all (one psum, one pmax): each costs a latency on slow links.
+  """
   device_TK = slots_TK // experts_per_device
   pairs_dev, distinct_dev = _counts(device_TK, shape.devices)
   pairs_node, distinct_node = _counts(device_TK // shape.local, shape.nodes)
   me_dev = jax.lax.axis_index(ALL)
   me_node, me_local = jax.lax.axis_index(NODE), jax.lax.axis_index(LOCAL)
 
-  def stage2(counts_dev):
-    # Stage-1 receiver (n', l) forwards, to local peer g', what every source
-    # (n, l) sent to device (n', g'): a sum over the node axis.
-    through_D = jax.lax.psum(counts_dev, NODE)
-    mine_G = jax.lax.dynamic_slice_in_dim(through_D, me_node * shape.local, shape.local)
-    return _peak_excluding(mine_G, me_local)
+  # Stage-1 receiver (n', l) forwards, to local peer g', what every source
+  # (n, l) sent to device (n', g'): a sum over the node axis.
+  through_2D = jax.lax.psum(jnp.stack([pairs_dev, distinct_dev]), NODE)
+  mine_2G = jax.lax.dynamic_slice_in_dim(through_2D, me_node * shape.local, shape.local, axis=1)
+  stage2_pairs, stage2_distinct = (_peak_excluding(row, me_local) for row in mine_2G)
 
-  peaks = {
-      "flat": (_peak_excluding(pairs_dev, me_dev),),
-      "flat_dedup": (_peak_excluding(distinct_dev, me_dev),),
-      "hier": (_peak_excluding(pairs_node, me_node), stage2(pairs_dev)),
-      "hier_dedup": (_peak_excluding(distinct_node, me_node), stage2(distinct_dev)),
-  }
-  return jax.lax.pmax(peaks, ALL)
+  names = ("flat", "flat_dedup", "hier", "hier", "hier_dedup", "hier_dedup")
+  local_peaks = jnp.stack([
+      _peak_excluding(pairs_dev, me_dev), _peak_excluding(distinct_dev, me_dev),
+      _peak_excluding(pairs_node, me_node), stage2_pairs,
+      _peak_excluding(distinct_node, me_node), stage2_distinct])
+  peaks = jax.lax.pmax(local_peaks, ALL)
+  out: dict = {}
+  for name, value in zip(names, peaks):
+    out[name] = out.get(name, ()) + (value,)
+  return out
+
+
+def candidates(shape: MeshShape) -> tuple[str, ...]:
+  """Strategies worth pricing on this mesh.
+
+  On a mesh with one node (or one device per node) a hierarchical strategy is
+  its flat twin plus a hop that only copies rows locally, which the cost model
+  (pricing communication) would call free; so only the flat ones compete there.
+  """
+  if shape.nodes == 1 or shape.local == 1:
+    return ("flat", "flat_dedup")
+  return STRATEGIES
 
 
 def choose(peaks: dict, profile: cost.CostProfile, *, shape: MeshShape, d_model: int,
            bytes_per_elem: int):
-  """(index into STRATEGIES of the cheapest strategy, predicted ms per strategy)."""
+  """(index into STRATEGIES of the cheapest candidate, predicted ms per strategy)."""
   predicted = {name: jnp.asarray(cost.predict_from_peak_rows(
       name, peaks[name], profile, shape, d_model, bytes_per_elem), jnp.float32)
       for name in STRATEGIES}
-  index = jnp.argmin(jnp.stack([predicted[name] for name in STRATEGIES])).astype(jnp.int32)
+  names = candidates(shape)
+  best = jnp.argmin(jnp.stack([predicted[name] for name in names]))
+  index = jnp.asarray([STRATEGIES.index(name) for name in names], jnp.int32)[best]
   return index, predicted
