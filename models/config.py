@@ -110,7 +110,11 @@ class TrainConfig:
   eval_batches: int = 4
   checkpoint_every: int = 100  # 0 = only at the end
   keep: int = 3  # checkpoints kept
-  swap_interval: int = 0  # expert swap every N steps (0 = off; not available yet)
+  swap_interval: int = 0  # expert swap decision every N steps (0 = off)
+  swap_window: int = 0  # steps of routing a decision looks at (0 = swap_interval)
+  swap_max_pairs: int = 1  # disjoint expert pairs swapped per layer per decision
+  swap_profile: str = "default"  # cost profile: "default", "paper_a6000" or a JSON path
+  swap_migration_cost: bool = True  # false: migration priced at 0 (any predicted gain swaps)
 
   def __post_init__(self):
     _check_positive_ints("train", self, ("batch_size", "seq_len", "steps", "eval_batches", "keep"))
@@ -118,9 +122,10 @@ class TrainConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         _fail(f"train.{name}", value, "must be an integer >= 0")
-    if self.swap_interval != 0:
-      _fail("train.swap_interval", self.swap_interval,
-            "expert swap is not available yet; use 0 (off)")
+    for name in ("swap_interval", "swap_window", "swap_max_pairs"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        _fail(f"train.{name}", value, "must be an integer >= 0")
     if not self.lr > 0:
       _fail("train.lr", self.lr, "must be > 0")
     if not 0 <= self.min_lr_ratio <= 1:

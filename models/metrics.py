@@ -15,9 +15,13 @@ from hiermoe_jax.config import STRATEGIES
 
 
 def step_record(step: int, metrics, *, step_time_s: float, tokens: int,
-                eval_loss: float | None = None) -> dict[str, Any]:
-  """One JSON object for metrics.jsonl; MoE fields are lists with one entry per MoE layer."""
-  m = {k: np.asarray(v) for k, v in vars(metrics).items()}
+                eval_loss: float | None = None, swaps: list[dict] = ()) -> dict[str, Any]:
+  """One JSON object for metrics.jsonl; MoE fields are lists with one entry per MoE layer.
+
+  swaps: the expert-swap events of this step (`SwapController.maybe_swap`); step_time_s
+  excludes them (a swap's own time is in its event's time_s).
+  """
+  m = {k: np.asarray(v) for k, v in vars(metrics).items() if k != "topk_ids"}
   record = {
       "step": step,
       "loss": float(m["loss"]),
@@ -31,7 +35,7 @@ def step_record(step: int, metrics, *, step_time_s: float, tokens: int,
                      for n, d in zip(m["dedup_node"], m["dedup_device"])],
       "dropped": [int(d) for d in m["dropped"]],
       "imbalance": [float(x) for x in m["imbalance"]],
-      "swaps": [],
+      "swaps": list(swaps),
   }
   if eval_loss is not None:
     record["eval_loss"] = eval_loss

@@ -17,6 +17,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -49,6 +50,9 @@ class StepMetrics:
   dropped: jax.Array
   imbalance: jax.Array
   strategy_index: jax.Array  # per MoE layer: index into hm.config.STRATEGIES of what ran
+  # Per MoE layer: routing ids [tokens, K] (token-sharded) for the swap controller;
+  # () unless train.swap_interval > 0, so that the ids stay off the hot path.
+  topk_ids: tuple = ()
 
 
 class Model:
@@ -123,7 +127,8 @@ class Model:
         dropped=_stack([a.dropped for a in auxes]),
         imbalance=_stack([imbalance(a.expert_counts, p, devices)
                           for a, p in zip(auxes, placements)]),
-        strategy_index=_stack([a.strategy_index for a in auxes]))
+        strategy_index=_stack([a.strategy_index for a in auxes]),
+        topk_ids=tuple(a.topk_ids for a in auxes) if self.cfg.train.swap_interval else ())
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            buffers=buffers, rng=rng)
     return new_state, metrics
@@ -143,8 +148,12 @@ class Model:
     return nnx.state(model, nnx.Not(nnx.Param))
 
   def _placement(self, buffers, index):
-    layer = self.cfg.model.first_k_dense + index
-    return buffers["blocks"][layer]["ffn"]["placement"][...]
+    return buffers["blocks"][self.moe_layers[index]]["ffn"]["placement"][...]
+
+  @property
+  def moe_layers(self) -> list[int]:
+    """Block indices of the MoE layers (the keys under buffers["blocks"])."""
+    return list(range(self.cfg.model.first_k_dense, self.cfg.model.n_layers))
 
   @functools.cached_property
   def jit_train_step(self):
@@ -154,6 +163,24 @@ class Model:
   @functools.cached_property
   def jit_eval_step(self):
     return jax.jit(self.eval_step)
+
+
+def placements_of(buffers, layers) -> dict[int, jax.Array]:
+  """{block index: [E] placement} of the MoE layers."""
+  return {layer: buffers["blocks"][layer]["ffn"]["placement"][...] for layer in layers}
+
+
+def with_placements(buffers, placements: dict):
+  """`buffers` with the given layers' placements replaced (host values, put with the old
+  leaf's sharding on every process)."""
+  def replace(path, leaf):
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if len(keys) >= 4 and keys[0] == "blocks" and keys[2:4] == ["ffn", "placement"] and (
+        keys[1] in placements):
+      value = np.asarray(placements[keys[1]], leaf.dtype)
+      return jax.make_array_from_callback(value.shape, leaf.sharding, lambda idx: value[idx])
+    return leaf
+  return jax.tree_util.tree_map_with_path(replace, buffers)
 
 
 def imbalance(counts_E, placement_E, devices: int):

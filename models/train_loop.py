@@ -19,11 +19,13 @@ import numpy as np
 import yaml
 
 import hiermoe_jax as hm
+from hiermoe_jax import cost as cost_lib
+from hiermoe_jax.swap import SearchConfig, SwapController
 from models import data as data_lib
 from models.checkpoint import Checkpointer
 from models.config import Config, ConfigError
 from models.metrics import MetricsLog, ProgressBar, step_record
-from models.steps import Model, TrainState
+from models.steps import Model, TrainState, placements_of, with_placements
 
 
 @dataclasses.dataclass
@@ -87,6 +89,48 @@ def evaluate(model: Model, state: TrainState, batches: data_lib.Batches, rows) -
   return float(np.mean(jax.device_get(losses)))
 
 
+def swap_controller(cfg: Config, model: Model) -> SwapController | None:
+  """The expert-swap controller of train.swap_* (None when train.swap_interval = 0).
+
+  A decision weighs the predicted saving over the next swap_interval steps against
+  the migration of weights and both AdamW moments.
+  """
+  tc = cfg.train
+  if not tc.swap_interval:
+    return None
+  try:
+    profile = cost_lib.load_profile(tc.swap_profile)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"train.swap_profile={tc.swap_profile!r} is invalid: {e}") from None
+  search_config = SearchConfig(
+      profile=profile, d_model=cfg.model.d_model, d_ff=cfg.moe.d_ff,
+      bytes_per_elem=np.dtype(cfg.model.dtype).itemsize,
+      param_bytes_per_elem=np.dtype(cfg.model.param_dtype).itemsize, optimizer_slots=2,
+      steps_until_next_decision=tc.swap_interval, max_pairs=tc.swap_max_pairs,
+      migration=tc.swap_migration_cost)
+  return SwapController(search_config, model.mesh, tc.swap_interval,
+                        window=tc.swap_window or tc.swap_interval,
+                        expert_path=lambda layer: ("blocks", layer, "ffn"))
+
+
+def _swap(model: Model, controller, done: int, state: TrainState, topk_ids) -> tuple:
+  """Observes this step's routing; at a decision step migrates experts (params and
+  optimizer state together) and writes the new placements into the buffers."""
+  for layer, ids in zip(model.moe_layers, topk_ids):
+    controller.observe(layer, ids)
+  if not controller.due(done):
+    return state, []
+  placements = placements_of(state.buffers, model.moe_layers)
+  (params, opt_state), new, events = controller.maybe_swap(
+      done, (state.params, state.opt_state), placements)
+  if not events:
+    return state, events
+  changed = {e["layer"]: new[e["layer"]] for e in events}
+  state = state.replace(params=params, opt_state=opt_state,
+                        buffers=with_placements(state.buffers, changed))
+  return state, events
+
+
 def _log(message: str, enabled: bool) -> None:
   if enabled:
     print(message, file=sys.stderr, flush=True)
@@ -114,6 +158,7 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
                                   shuffle=False, vocab_size=cfg.model.vocab_size)
 
   model = Model(cfg, mesh)
+  controller = swap_controller(cfg, model)
   checkpointer = Checkpointer(run_dir, keep=tc.keep)
   start = checkpointer.latest_step()
   if start is None:
@@ -146,14 +191,18 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
       t0 = time.perf_counter()
       batch = _device_batch(model, train_batches, step, rows)
       state, metrics = step_fn(state, *batch)
+      topk_ids, metrics = metrics.topk_ids, metrics.replace(topk_ids=())
       metrics = jax.device_get(metrics)
       step_time = time.perf_counter() - t0
       done = step + 1
+      swaps = []
+      if controller is not None:
+        state, swaps = _swap(model, controller, done, state, topk_ids)
       eval_loss = None
       if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
         eval_loss = evaluate(model, state, eval_batches, rows)
       record = step_record(done, metrics, step_time_s=step_time, tokens=tokens_per_step,
-                           eval_loss=eval_loss)
+                           eval_loss=eval_loss, swaps=swaps)
       records.append(record)
       log.write(record)
       bar.update(done, record["loss"], eval_loss)

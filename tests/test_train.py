@@ -223,6 +223,58 @@ def test_deepseek_style_layers_update_and_checkpoint_router_biases(tmp_path, cac
                                 np.arange(cfg.moe.num_experts))
 
 
+def test_expert_swaps_follow_the_same_trajectory(reference, tmp_path):
+  """DESIGN.md invariant 3 in the trainer: --swap-interval 2 (migration priced at 0, so
+  every predicted gain is taken) gives the losses of the run without swaps; the events
+  are in metrics.jsonl and the checkpoint holds the new placements, with the experts
+  (and their optimizer state) in the matching physical order."""
+  steps = 6
+  cfg = load_config(TINY, BASE + MESH_2X4 + [
+      "train.swap_interval=2", "train.swap_migration_cost=false", "train.swap_max_pairs=2"])
+  result = run(cfg, tmp_path, stop_after=steps, verbose=False)
+  ref = losses(read_metrics(reference))
+  got = losses(read_metrics(tmp_path))
+  assert sorted(got) == list(range(1, steps + 1))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(got)],
+                             rtol=1e-5)
+  records = read_metrics(tmp_path)
+  events = [e for r in records for e in r["swaps"]]
+  assert events, "no swap happened"
+  for r in records:
+    assert r["step"] % 2 == 0 or r["swaps"] == []
+    for e in r["swaps"]:
+      assert set(e) == {"layer", "pairs", "predicted_gain_ms", "bytes_moved", "time_s"}
+      assert e["layer"] in (0, 1) and 1 <= len(e["pairs"]) <= 2 and e["bytes_moved"] > 0
+      assert e["predicted_gain_ms"] > 0
+  # Checkpoint 5 (after the swaps of steps 2 and 4) vs the reference's checkpoint 5.
+  swapped, plain = saved_state(tmp_path, EVERY), saved_state(reference, EVERY)
+  replayed = {layer: np.arange(cfg.moe.num_experts) for layer in (0, 1)}
+  for r in records[:EVERY]:
+    for e in r["swaps"]:
+      for i, j in e["pairs"]:
+        p = replayed[e["layer"]]
+        p[[i, j]] = p[[j, i]]
+  final_events = [e for r in records if r["step"] <= steps for e in r["swaps"]]
+  logical = {}  # layer -> slot of each logical expert
+  for layer in (0, 1):
+    placement = np.asarray(swapped.buffers["blocks"][layer]["ffn"]["placement"][...])
+    np.testing.assert_array_equal(placement, replayed[layer])
+    logical[layer] = np.argsort(placement)
+    final = result.state.buffers["blocks"][layer]["ffn"]["placement"][...]
+    assert np.array_equal(final, np.arange(16)) == all(e["layer"] != layer
+                                                       for e in final_events)
+  moved = 0
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path((swapped.params,
+                                                                swapped.opt_state))[0],
+                          jax.tree_util.tree_leaves((plain.params, plain.opt_state))):
+    name, a = jax.tree_util.keystr(path), np.asarray(a)
+    for layer in (0, 1):
+      if f"['blocks'][{layer}]['ffn']['params']['experts']" in name:
+        a, moved = a[logical[layer]], moved + 1
+    np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=name)
+  assert moved == 2 * 3 * 3  # 2 layers x (gate, up, down) x (param, mu, nu)
+
+
 def test_plot_metrics(reference, tmp_path):
   """PNGs when matplotlib is there; otherwise a one-line message and exit code 3."""
   cmd = [sys.executable, str(ROOT / "scripts" / "plot_metrics.py"), str(reference),
@@ -245,7 +297,8 @@ def test_plot_metrics(reference, tmp_path):
     (["--set", "train.lr=fast"], "train.lr"),
     (["--dispatch", "teleport"], "moe.dispatch"),
     (["--capacity-factor", "-1"], "moe.capacity_factor"),
-    (["--swap-interval", "5"], "expert swap is not available yet"),
+    (["--swap-interval", "-1"], "train.swap_interval"),
+    (["--swap-interval", "2", "--set", "train.swap_profile=nowhere"], "train.swap_profile"),
     (["--mesh", "3x3"], "mesh.nodes=3"),
     (["--set", "moe.num_experts=12"], "moe.num_experts"),  # not a multiple of 8 devices
 ])

@@ -1,15 +1,21 @@
-"""Expert swap: choose a better placement (`search`) and move the experts (`migrate`).
+"""Expert swap: choose a better placement (`search`), move the experts (`migrate`),
+and decide when (`SwapController`).
 
     plan = swap.search(topk_ids, placement, mesh_shape, swap.SearchConfig(...))
     if plan.changed:
       params, opt_state = swap.migrate((params, opt_state), placement, plan.placement, mesh)
       placement = plan.placement
 
+or, in a training loop, `SwapController.observe(layer, topk_ids)` after each step and
+`SwapController.maybe_swap(step, (params, opt_state), placements)`.
+
 The names `search` and `migrate` here are the functions; import helpers from the
 modules directly (`from hiermoe_jax.swap.search import stage_loads`).
 """
 
+from hiermoe_jax.swap.controller import SwapController, experts_under
 from hiermoe_jax.swap.migrate import expert_leaf, migrate, plan_moves
 from hiermoe_jax.swap.search import SearchConfig, SwapPlan, search
 
-__all__ = ["SearchConfig", "SwapPlan", "expert_leaf", "migrate", "plan_moves", "search"]
+__all__ = ["SearchConfig", "SwapController", "SwapPlan", "expert_leaf", "experts_under",
+           "migrate", "plan_moves", "search"]

@@ -1,0 +1,194 @@
+"""Expert-swap benchmark: drive `SwapController` on skewed, drifting routing and time
+the `hier_dedup` dispatch + combine before and after the swaps.
+
+    python scripts/bench_swap.py --mesh 2x4 --experts 64 --topk 8 --tokens 256 \\
+        --hidden 256 --routing zipf:1.2 --steps 20 --json out.json
+
+Routing (`drifting_routing`): Zipf expert popularity over a random ranking, with
+correlated co-selection - the experts form random affinity clusters of K (random in
+logical id, so the identity placement spreads each cluster over devices); each
+token picks an anchor cluster by popularity and its K experts favour that cluster
+(log-weight + `affinity`), drawn by Gumbel top-k. Popularity drifts slowly: a
+random walk of `drift` per step in log space. Fixed seed: every process draws the
+same ids, so the controller decides the same everywhere.
+
+Protocol: steps 1..S are observed by the controller (decisions every
+--swap-interval steps, migration of real expert weights and both Adam moments);
+step S+1, never observed, is the evaluation batch, timed under the initial
+(identity) placement ("before") and the final one ("after"), interleaved.
+
+Legend: T tokens per device, K top-k, E experts, D model dim, F expert FFN dim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from hiermoe_jax import synthetic
+
+STRATEGY = "hier_dedup"
+
+
+def drifting_routing(*, devices: int, tokens: int, num_experts: int, top_k: int, alpha: float,
+                     steps: int, seed: int = 0, affinity: float = 3.0,
+                     drift: float = 0.05) -> list[np.ndarray]:
+  """`steps` routings, each int32 logical ids [devices, T, K], distinct per token."""
+  rng = np.random.default_rng(seed)
+  log_p = np.log(synthetic.expert_popularity(num_experts, alpha, rng))
+  cluster_size = max(min(top_k, num_experts), 1)
+  order = rng.permutation(num_experts)
+  cluster_E = np.empty(num_experts, np.int64)
+  cluster_E[order] = np.arange(num_experts) // cluster_size
+  num_clusters = int(cluster_E.max()) + 1
+  out = []
+  for _ in range(steps):
+    p_C = np.bincount(cluster_E, weights=np.exp(log_p), minlength=num_clusters)
+    per_device = []
+    for _ in range(devices):
+      anchor_T = rng.choice(num_clusters, size=tokens, p=p_C / p_C.sum())
+      bonus_TE = affinity * (cluster_E[None, :] == anchor_T[:, None])
+      per_device.append(synthetic.sample_topk(log_p[None, :] + bonus_TE, (tokens,), top_k,
+                                              rng))
+    out.append(np.stack(per_device))
+    log_p = log_p + drift * rng.standard_normal(num_experts)
+  return out
+
+
+def max_over_mean_rows(ids_DTK: np.ndarray, placement: np.ndarray, devices: int) -> float:
+  """Compute imbalance: max / mean (token, expert) rows per device under `placement`."""
+  slots = np.argsort(placement)[ids_DTK.ravel()]
+  per_device = np.bincount(slots // (placement.shape[0] // devices), minlength=devices)
+  return float(per_device.max() / max(per_device.mean(), 1e-9))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from hiermoe_jax.bench.comm import parse_mesh, positive_int
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--mesh", type=parse_mesh, help="NxG in one process (omit under launch.py)")
+  p.add_argument("--experts", type=positive_int, default=64)
+  p.add_argument("--topk", type=positive_int, default=8)
+  p.add_argument("--tokens", type=positive_int, default=512, help="tokens per device")
+  p.add_argument("--hidden", type=positive_int, default=512, help="d_model")
+  p.add_argument("--ffn", type=positive_int, help="expert d_ff (migrated bytes; default hidden)")
+  p.add_argument("--routing", default="zipf:1.2", help="zipf:ALPHA (popularity exponent)")
+  p.add_argument("--affinity", type=float, default=3.0, help="co-selection log-weight bonus")
+  p.add_argument("--drift", type=float, default=0.05, help="popularity random walk per step")
+  p.add_argument("--steps", type=positive_int, default=20, help="observed steps")
+  p.add_argument("--swap-interval", type=positive_int, default=4)
+  p.add_argument("--window", type=positive_int, help="observed steps per decision "
+                 "(default: swap interval)")
+  p.add_argument("--max-pairs", type=positive_int, default=4, help="pairs per decision")
+  p.add_argument("--profile", default="default", help="cost profile name or JSON path")
+  p.add_argument("--no-migration-cost", action="store_true",
+                 help="price migration at 0 (bounds the achievable gain)")
+  p.add_argument("--repeats", type=positive_int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", help="write the report here")
+  return p
+
+
+def run(args) -> dict | None:
+  from hiermoe_jax.bench import timed as timed_lib  # starts JAX
+  mesh = timed_lib.start(args.mesh)
+  import jax
+  import optax
+
+  import hiermoe_jax as hm
+  from hiermoe_jax import cost
+  from hiermoe_jax.mesh import MeshShape
+  from hiermoe_jax.swap import SearchConfig, SwapController
+
+  shape = MeshShape.of(mesh)
+  kind, alpha = synthetic.parse_routing(args.routing)
+  if kind != "zipf":
+    raise ValueError(f"--routing {args.routing!r}: bench_swap needs zipf:ALPHA")
+  if args.experts % shape.devices:
+    raise ValueError(f"--experts {args.experts} must be a multiple of the {shape.devices} "
+                     f"devices of the {shape.nodes}x{shape.local} mesh")
+  ffn = args.ffn or args.hidden
+  steps = drifting_routing(devices=shape.devices, tokens=args.tokens, num_experts=args.experts,
+                           top_k=args.topk, alpha=alpha, steps=args.steps + 1, seed=args.seed,
+                           affinity=args.affinity, drift=args.drift)
+  observed, held_out = steps[:-1], steps[-1]
+
+  config = SearchConfig(profile=cost.load_profile(args.profile), d_model=args.hidden, d_ff=ffn,
+                        steps_until_next_decision=args.swap_interval, max_pairs=args.max_pairs,
+                        migration=not args.no_migration_cost)
+  controller = SwapController(config, mesh, args.swap_interval, window=args.window)
+  moe = hm.MoEConfig(d_model=args.hidden, d_ff=ffn, num_experts=args.experts, top_k=args.topk)
+  params = hm.init_params(jax.random.key(args.seed), moe, mesh)
+  tree = (params, optax.adam(1e-3).init(params))
+  identity = np.arange(args.experts, dtype=np.int32)
+  placements = {0: identity}
+  events = []
+  for step, ids in enumerate(observed, start=1):
+    controller.observe(0, ids)
+    tree, placements, new = controller.maybe_swap(step, tree, placements)
+    events += new
+  final = placements[0]
+
+  x, _, w = timed_lib.routed_inputs(held_out, args.hidden, "float32", args.seed)
+  x_g, w_g = timed_lib.global_array(mesh, x), timed_lib.global_array(mesh, w)
+  fns, info = {}, {}
+  for name, placement in (("before", identity), ("after", final)):
+    slots_DTK = np.argsort(placement)[held_out].astype(np.int32)
+    caps = timed_lib.tight_hop_caps(slots_DTK, STRATEGY, shape, args.experts)
+    step_fn = timed_lib.exchange_step(mesh, STRATEGY, caps, args.experts, backward=False)
+    slots_g = timed_lib.global_array(mesh, slots_DTK.reshape(-1, args.topk))
+    fns[name] = (lambda f, s: lambda: f(x_g, s, w_g, x_g))(step_fn, slots_g)
+    info[name] = {"hop_capacity": list(caps),
+                  "max_over_mean_rows": max_over_mean_rows(held_out, placement, shape.devices)}
+  ms = timed_lib.time_interleaved(fns, repeats=args.repeats, warmup=args.warmup)
+  report = {
+      name: {"time_ms": float(np.median(ms[name])), **timed_lib.summary(ms[name]),
+             **info[name]} for name in ("before", "after")}
+  report["speedup"] = report["before"]["time_ms"] / max(report["after"]["time_ms"], 1e-12)
+  report["migration"] = {"ms": 1e3 * sum(e["time_s"] for e in events),
+                         "bytes": int(sum(e["bytes_moved"] for e in events)),
+                         "decisions": controller.decisions,
+                         "pairs": controller.swaps,
+                         "predicted_gain_ms": float(sum(e["predicted_gain_ms"] for e in events))}
+  report["config"] = {"mesh": [shape.nodes, shape.local], "processes": jax.process_count(),
+                      "experts": args.experts, "topk": args.topk, "tokens": args.tokens,
+                      "hidden": args.hidden, "ffn": ffn, "routing": args.routing,
+                      "affinity": args.affinity, "drift": args.drift, "steps": args.steps,
+                      "swap_interval": args.swap_interval, "window": controller.window,
+                      "max_pairs": args.max_pairs, "profile": args.profile,
+                      "migration_priced": not args.no_migration_cost, "seed": args.seed,
+                      "repeats": args.repeats}
+  report["events"] = events
+  return report if timed_lib.is_leader() else None
+
+
+def table(report: dict) -> str:
+  lines = [f"{'placement':<10} {'median ms':>10} {'min ms':>8} {'max/mean rows':>14}  hop caps"]
+  for name in ("before", "after"):
+    r = report[name]
+    lines.append(f"{name:<10} {r['time_ms']:>10.3f} {r['min']:>8.3f} "
+                 f"{r['max_over_mean_rows']:>14.3f}  {r['hop_capacity']}")
+  m = report["migration"]
+  lines.append(f"speedup {report['speedup']:.3f}x | {m['decisions']} decisions, {m['pairs']} "
+               f"pairs, {m['bytes'] / 1e6:.2f} MB moved in {m['ms']:.1f} ms "
+               f"(search + migration)")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  report = run(args)
+  if report is not None:
+    print(table(report))
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,182 @@
+"""When to swap: a host-side controller over `search` and `migrate`.
+
+    controller = SwapController(search_config, mesh, swap_interval=50,
+                                expert_path=lambda layer: ("blocks", layer, "ffn"))
+    for step in ...:
+      state, ids_by_layer = train_step(...)
+      for layer, ids in ids_by_layer.items():
+        controller.observe(layer, ids)          # cheap: keeps a reference
+      tree, placements, events = controller.maybe_swap(done, tree, placements)
+
+Statistics: a sliding window of the last `window` observed routings per layer
+(logical expert ids [N*G, T, K], one row of tokens per source device in mesh
+order). Ids are logical, so a swap does not invalidate the window: every decision
+re-evaluates it under the current placement. The window is exact (no EMA).
+
+Every `swap_interval` steps, each layer with observations gets one `search` on
+its window concatenated along T; if the plan changes the placement, `migrate`
+moves that layer's expert leaves - in the parameters AND the optimizer state,
+passed together as one `tree` - and the placement is updated.
+
+Multi-process: observed ids may be token-sharded global arrays (e.g.
+`MoEAux.topk_ids` straight out of a jitted step). At a decision the controller
+turns each into the full host array: a fully addressable array (one process, or
+a replicated array) is read directly; otherwise
+`jax.experimental.multihost_utils.process_allgather(ids, tiled=True)` gathers
+the global array on every process. Every process thus runs `search` on the same
+global statistics, and `search` is deterministic, so all processes take the same
+decision and compile the same migration. All processes must call `maybe_swap`
+at the same steps (they do when they run the same loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Callable, Hashable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from hiermoe_jax.mesh import MeshShape
+from hiermoe_jax.swap.migrate import EXPERTS_KEY, migrate
+from hiermoe_jax.swap.search import SearchConfig, SwapPlan, search
+
+
+def _key(entry) -> Any:
+  for attr in ("key", "name", "idx"):  # DictKey.key, GetAttrKey.name, SequenceKey.idx
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return None
+
+
+def experts_under(prefix: tuple, num_experts: int) -> Callable:
+  """Predicate for `migrate`: expert leaves whose path contains `prefix` (consecutive
+  keys, e.g. ("blocks", 1, "ffn")), then a key "experts", with leading dim E.
+
+  Matches the parameters and every optimizer-state copy of them (optax states
+  repeat the parameter paths under e.g. `.mu` / `.nu`). An empty prefix selects
+  every expert leaf.
+  """
+  prefix = tuple(prefix)
+
+  def select(path, leaf) -> bool:
+    keys = [_key(entry) for entry in path]
+    if getattr(leaf, "ndim", 0) < 1 or leaf.shape[0] != num_experts:
+      return False
+    for start in range(len(keys) - len(prefix) + 1):
+      if tuple(keys[start:start + len(prefix)]) == prefix:
+        return EXPERTS_KEY in keys[start + len(prefix):]
+    return False
+  return select
+
+
+def host_ids(ids) -> np.ndarray:
+  """Global routing ids as a host array on every process (see the module docstring)."""
+  if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(ids, tiled=True))
+  return np.asarray(ids)
+
+
+class SwapController:
+  """Decides and applies expert swaps every `swap_interval` steps.
+
+  search_config: cost parameters of a decision (`SearchConfig`).
+  mesh: the ("node", "local") mesh the experts are sharded over.
+  swap_interval: steps between decisions (> 0).
+  window: observed steps kept per layer (default: swap_interval).
+  expert_path(layer) -> tuple of keys locating that layer's expert subtree in the
+    tree given to `maybe_swap` (default: () - every expert leaf, for a single
+    layer's params / optimizer state).
+  """
+
+  def __init__(self, search_config: SearchConfig, mesh: Mesh, swap_interval: int, *,
+               window: int | None = None,
+               expert_path: Callable[[Hashable], tuple] | None = None):
+    if isinstance(swap_interval, bool) or not isinstance(swap_interval, int) or swap_interval < 1:
+      raise ValueError(f"swap_interval={swap_interval!r} is invalid: must be an int >= 1")
+    window = swap_interval if window is None else window
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+      raise ValueError(f"window={window!r} is invalid: must be an int >= 1 (observed steps)")
+    self.config = search_config
+    self.mesh = mesh
+    self.shape = MeshShape.of(mesh)
+    self.swap_interval = swap_interval
+    self.window = window
+    self.expert_path = expert_path or (lambda layer: ())
+    self._windows: dict[Hashable, collections.deque] = {}
+    self.decisions = 0  # searches run
+    self.swaps = 0  # pairs applied
+
+  def observe(self, layer: Hashable, topk_ids) -> None:
+    """Adds one step's routing of `layer`: logical ids [N*G*T, K] or [N*G, T, K].
+
+    Keeps a reference only (no device-to-host copy until a decision)."""
+    self._windows.setdefault(layer, collections.deque(maxlen=self.window)).append(topk_ids)
+
+  def window_ids(self, layer: Hashable) -> np.ndarray | None:
+    """The layer's window as int32 [N*G, W*T, K] host ids (None if nothing observed)."""
+    entries = self._windows.get(layer)
+    if not entries:
+      return None
+    per_step = []
+    for ids in entries:
+      ids = host_ids(ids)
+      top_k = ids.shape[-1]
+      if ids.size % (self.shape.devices * top_k):
+        raise ValueError(f"layer {layer!r}: topk_ids of shape {ids.shape} do not split over "
+                         f"{self.shape.devices} devices")
+      per_step.append(ids.reshape(self.shape.devices, -1, top_k).astype(np.int32))
+    return np.concatenate(per_step, axis=1)
+
+  def due(self, step: int) -> bool:
+    """Whether `maybe_swap(step, ...)` decides (step = optimizer steps done)."""
+    return step > 0 and step % self.swap_interval == 0
+
+  def plan(self, layer: Hashable, placement) -> SwapPlan | None:
+    """One search on the layer's window (None if nothing was observed)."""
+    ids = self.window_ids(layer)
+    if ids is None:
+      return None
+    self.decisions += 1
+    return search(ids, np.asarray(placement), self.shape, self.config)
+
+  def maybe_swap(self, step: int, tree, placements: Mapping[Hashable, Any]):
+    """Every `swap_interval` steps: search each layer and migrate what pays.
+
+    tree: the pytree holding the expert leaves and their optimizer state, e.g.
+      (params, opt_state); moved leaves are donated.
+    placements: {layer: [E] slot -> logical expert} (host or device values).
+    Returns (tree, placements as {layer: int32 numpy}, events), one event per
+    layer whose placement changed: {"layer", "pairs", "predicted_gain_ms",
+    "bytes_moved", "time_s"} (time_s: search + migration wall time).
+    """
+    placements = {layer: np.asarray(p).astype(np.int32) for layer, p in placements.items()}
+    events = []
+    if not self.due(step):
+      return tree, placements, events
+    for layer, placement in placements.items():
+      t0 = time.perf_counter()
+      plan = self.plan(layer, placement)
+      if plan is None or not plan.changed:
+        continue
+      select = experts_under(self.expert_path(layer), placement.shape[0])
+      if not any(select(path, leaf) for path, leaf in
+                 jax.tree_util.tree_flatten_with_path(tree)[0]):
+        raise ValueError(f"layer {layer!r}: no expert leaf under path "
+                         f"{self.expert_path(layer)!r} in the tree; check expert_path")
+      tree = migrate(tree, placement, plan.placement, self.mesh, is_expert_leaf=select)
+      jax.block_until_ready(tree)
+      placements[layer] = plan.placement.astype(np.int32)
+      self.swaps += len(plan.pairs)
+      events.append({"layer": _jsonable(layer), "pairs": [list(map(int, p)) for p in plan.pairs],
+                     "predicted_gain_ms": float(plan.gain_ms),
+                     "bytes_moved": int(plan.bytes_to_move),
+                     "time_s": time.perf_counter() - t0})
+    return tree, placements, events
+
+
+def _jsonable(layer):
+  return int(layer) if isinstance(layer, (int, np.integer)) else str(layer)

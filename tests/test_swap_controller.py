@@ -1,0 +1,203 @@
+"""SwapController: cadence, window, per-layer migration of params + optimizer state,
+and a training loop driven by it that follows the trajectory without swaps."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hiermoe_jax as hm
+from hiermoe_jax import cost, synthetic
+from hiermoe_jax.mesh import MeshShape
+from hiermoe_jax.swap import SearchConfig, SwapController, experts_under, search
+from tests.helpers import mesh_of
+
+E, K, T = 16, 4, 8
+
+
+def moe_config(**overrides):
+  return hm.MoEConfig(**{"d_model": 16, "d_ff": 24, "num_experts": E, "top_k": K,
+                         "dropless": True, "dispatch": "hier_dedup", **overrides})
+
+
+def search_config(**overrides):
+  config = moe_config()
+  return SearchConfig(**{"profile": cost.load_profile("paper_a6000"), "d_model": config.d_model,
+                         "d_ff": config.d_ff, "migration": False, "max_pairs": 2, **overrides})
+
+
+def skewed_ids(seed, devices=8, tokens=T):
+  return synthetic.routing("zipf:1.5", devices=devices, tokens=tokens, num_experts=E,
+                           top_k=K, seed=seed)
+
+
+def two_layer_state(mesh):
+  """{"blocks": {0: {"ffn": {"params": ...}}, 1: ...}} and its AdamW state (mu, nu nonzero)."""
+  config = moe_config()
+  params = {"blocks": {i: {"ffn": {"params": hm.init_params(jax.random.key(i), config, mesh)}}
+                       for i in range(2)}}
+  tx = optax.adamw(1e-2)
+  grads = jax.tree.map(lambda p: jnp.sin(p * 3.0 + 1.0), params)
+  opt_state = tx.init(params)
+  _, opt_state = tx.update(grads, opt_state, params)
+  return params, opt_state
+
+
+def host(tree):
+  return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def test_window_and_cadence():
+  mesh = mesh_of("2x4")
+  controller = SwapController(search_config(), mesh, swap_interval=3, window=2)
+  assert controller.window_ids(0) is None
+  steps = [skewed_ids(s) for s in range(3)]
+  for ids in steps:
+    controller.observe(0, ids.reshape(-1, K))  # flat [N*G*T, K] as in MoEAux.topk_ids
+  got = controller.window_ids(0)
+  np.testing.assert_array_equal(got, np.concatenate(steps[1:], axis=1))  # last 2 steps
+  assert [controller.due(s) for s in range(7)] == [False, False, False, True, False, False,
+                                                   True]
+  params, opt_state = two_layer_state(mesh)
+  tree, placements, events = controller.maybe_swap(2, (params, opt_state), {0: np.arange(E)})
+  assert events == [] and controller.decisions == 0 and tree[0] is params
+  np.testing.assert_array_equal(placements[0], np.arange(E))
+
+
+def test_swaps_one_layer_params_and_optimizer_state():
+  """Layer 0 observed (skewed): its experts and their Adam moments move exactly as the
+  plan says; layer 1 (not observed) and every non-expert leaf stay bit for bit."""
+  mesh = mesh_of("2x4")
+  controller = SwapController(search_config(), mesh, swap_interval=2,
+                              expert_path=lambda layer: ("blocks", layer, "ffn"))
+  ids = [skewed_ids(10), skewed_ids(11)]
+  for step_ids in ids:
+    controller.observe(0, jnp.asarray(step_ids.reshape(-1, K)))
+  ident = np.arange(E, dtype=np.int32)
+  expected = search(np.concatenate(ids, axis=1), ident, MeshShape(2, 4), search_config())
+  assert expected.changed  # the skewed window has a paying swap
+
+  params, opt_state = two_layer_state(mesh)
+  before = host((params, opt_state))
+  tree, placements, events = controller.maybe_swap(2, (params, opt_state),
+                                                   {0: ident, 1: ident})
+  np.testing.assert_array_equal(placements[0], expected.placement)
+  np.testing.assert_array_equal(placements[1], ident)
+  (event,) = events
+  assert event["layer"] == 0 and event["pairs"] == [list(p) for p in expected.pairs]
+  assert event["predicted_gain_ms"] == pytest.approx(expected.gain_ms)
+  assert event["bytes_moved"] == expected.bytes_to_move > 0 and event["time_s"] > 0
+  assert controller.decisions == 1 and controller.swaps == len(expected.pairs)
+
+  src = expected.placement  # old placement is the identity: new slot s <- old slot src[s]
+  layer0 = experts_under(("blocks", 0, "ffn"), E)
+  moved = 0
+  flat_after = jax.tree_util.tree_flatten_with_path(tree)[0]
+  flat_before = jax.tree_util.tree_leaves(before)
+  for (path, after), old in zip(flat_after, flat_before):
+    if layer0(path, after):
+      moved += 1
+      np.testing.assert_array_equal(np.asarray(after), old[src])
+    else:
+      np.testing.assert_array_equal(np.asarray(after), old)
+  assert moved == 9  # gate, up, down in params, mu and nu
+
+
+def test_training_with_controller_matches_training_without():
+  """DESIGN invariant 3 through the controller: same losses with swaps every 2 steps
+  (migration priced at 0, so any predicted gain is taken)."""
+  mesh = mesh_of("2x4")
+  config = moe_config()
+  keys = jax.random.split(jax.random.key(3), 3)
+  params0 = hm.init_params(keys[0], config, mesh)
+  xs = jax.random.normal(keys[1], (6, 8 * T, config.d_model))
+  targets = jax.random.normal(keys[2], xs.shape)
+  tx = optax.adamw(3e-2)
+
+  @jax.jit
+  def step(params, opt_state, placement, x, target):
+    def loss_fn(p):
+      y, aux = hm.moe_apply(p, x, config=config, mesh=mesh, placement=placement)
+      return jnp.mean((y - target) ** 2) + aux.aux_loss, aux.topk_ids
+    (loss, ids), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, ids
+
+  def train(controller):
+    params, placement = jax.tree.map(jnp.copy, params0), np.arange(E, dtype=np.int32)
+    opt_state = tx.init(params)
+    losses, events = [], []
+    for n, (x, target) in enumerate(zip(xs, targets)):
+      params, opt_state, loss, ids = step(params, opt_state, jnp.asarray(placement), x, target)
+      losses.append(float(loss))
+      if controller is not None:
+        controller.observe("moe", ids)
+        (params, opt_state), placements, new = controller.maybe_swap(
+            n + 1, (params, opt_state), {"moe": placement})
+        placement, events = placements["moe"], events + new
+    return losses, events, placement
+
+  plain, _, _ = train(None)
+  swapped, events, placement = train(SwapController(search_config(), mesh, swap_interval=2))
+  assert events and not np.array_equal(placement, np.arange(E))
+  np.testing.assert_allclose(swapped, plain, rtol=1e-5)
+
+
+def test_rejects_bad_arguments():
+  mesh = mesh_of("2x4")
+  with pytest.raises(ValueError, match="swap_interval=0"):
+    SwapController(search_config(), mesh, swap_interval=0)
+  with pytest.raises(ValueError, match="window=0"):
+    SwapController(search_config(), mesh, swap_interval=2, window=0)
+  controller = SwapController(search_config(), mesh, swap_interval=1,
+                              expert_path=lambda layer: ("nowhere", layer))
+  controller.observe(0, skewed_ids(1))
+  params, opt_state = two_layer_state(mesh)
+  with pytest.raises(ValueError, match="no expert leaf under path"):
+    controller.maybe_swap(1, (params, opt_state), {0: np.arange(E)})
+
+
+def test_experts_under_matches_consecutive_keys():
+  from jax.tree_util import DictKey, GetAttrKey, SequenceKey
+  leaf = np.zeros((E, 2))
+  mu_path = (SequenceKey(0), GetAttrKey("mu"), DictKey("blocks"), DictKey(1), DictKey("ffn"),
+             DictKey("params"), DictKey("experts"), DictKey("gate"), GetAttrKey("value"))
+  assert experts_under(("blocks", 1, "ffn"), E)(mu_path, leaf)
+  assert not experts_under(("blocks", 0, "ffn"), E)(mu_path, leaf)
+  assert not experts_under(("blocks", 1, "ffn"), E)(mu_path, np.zeros((E + 1, 2)))
+  router = mu_path[:5] + (DictKey("params"), DictKey("router"), DictKey("kernel"))
+  assert not experts_under(("blocks", 1, "ffn"), E)(router, leaf)
+  assert experts_under((), E)(mu_path, leaf)
+
+
+def test_bench_swap_routing_and_report(tmp_path):
+  """The drifting Zipf generator is deterministic and skewed; a tiny bench run writes
+  the report with before / after / speedup / migration."""
+  import json
+
+  from hiermoe_jax.bench import swap as bench_swap
+  kwargs = dict(devices=8, tokens=32, num_experts=E, top_k=K, alpha=1.2, steps=3, seed=5)
+  a, b = bench_swap.drifting_routing(**kwargs), bench_swap.drifting_routing(**kwargs)
+  assert len(a) == 3 and all(x.shape == (8, 32, K) and x.dtype == np.int32 for x in a)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert all((np.sort(x, -1)[..., 1:] != np.sort(x, -1)[..., :-1]).all() for x in a)  # distinct
+  counts = np.bincount(a[0].ravel(), minlength=E)
+  assert counts.max() > 2 * counts.mean()  # skewed
+  assert not np.array_equal(a[0], a[1])
+
+  path = tmp_path / "swap.json"
+  code = bench_swap.main(["--mesh", "2x4", "--experts", str(E), "--topk", str(K), "--tokens",
+                          "32", "--hidden", "16", "--steps", "4", "--swap-interval", "2",
+                          "--repeats", "2", "--warmup", "1", "--no-migration-cost",
+                          "--json", str(path)])
+  assert code == 0
+  report = json.loads(path.read_text())
+  for name in ("before", "after"):
+    assert report[name]["time_ms"] > 0 and report[name]["max_over_mean_rows"] >= 1.0
+  assert report["speedup"] > 0
+  migration = report["migration"]
+  assert migration["decisions"] == 2 and migration["bytes"] > 0 and migration["ms"] > 0
