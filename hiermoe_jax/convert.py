@@ -12,9 +12,8 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from hiermoe_jax import mesh as mesh_lib
 from hiermoe_jax.config import MoEConfig
-from hiermoe_jax.params import param_specs
+from hiermoe_jax.params import param_shardings
 
 # Per family: our name -> HF projection name, for routed experts.
 _EXPERT_NAMES = {
@@ -92,7 +91,6 @@ def from_hf(state_dict: Mapping[str, Any], config: MoEConfig, *, mesh=None) -> C
     params["shared_gate"] = {"kernel": arrays["shared_expert_gate.weight"].T}
   params = jax.tree.map(lambda a: jax.numpy.asarray(a, config.param_dtype), params)
   if mesh is not None:
-    params = jax.device_put(params, jax.tree.map(lambda s: mesh_lib.named(mesh, s),
-                                                 param_specs(config)))
+    params = jax.device_put(params, param_shardings(config, mesh))
   bias = arrays.get("gate.e_score_correction_bias")
   return Converted(params, None if bias is None else jax.numpy.asarray(bias))

@@ -32,19 +32,14 @@ class MoE(nn.Module):
     specs = param_specs(self.config)
     dtype = jnp.dtype(self.config.param_dtype)
 
-    def make(path, shape):
+    def make(path, shape, spec):
       name = "/".join(k.key for k in path)
-      init = nn.with_partitioning(initializer(_fan_in(path, shape)), tuple(specs_of(path)),
+      init = nn.with_partitioning(initializer(_fan_in(path, shape)), tuple(spec),
                                   mesh=self.mesh)
       return self.param(name, init, shape, dtype)
 
-    def specs_of(path):
-      node = specs
-      for k in path:
-        node = node[k.key]
-      return node
-
-    params = jax.tree_util.tree_map_with_path(make, shapes,
+    # Shapes are tuples and PartitionSpecs are tuples: both are leaves here.
+    params = jax.tree_util.tree_map_with_path(make, shapes, specs,
                                               is_leaf=lambda s: isinstance(s, tuple))
     bias = self.variable("router_state", "bias", jnp.zeros, (self.config.num_experts,),
                          jnp.float32)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any
 
 import flax.struct
 import jax
@@ -25,10 +24,9 @@ from hiermoe_jax.config import STRATEGIES, MoEConfig
 from hiermoe_jax.dispatch import auto, exchange, get_strategy
 from hiermoe_jax.dispatch.capacity import capacities
 from hiermoe_jax.experts import shared_experts
-from hiermoe_jax.mesh import LOCAL, NODE, MeshShape
+from hiermoe_jax.dispatch.base import traffic_classes
+from hiermoe_jax.mesh import AXES, MeshShape
 from hiermoe_jax.validate import validate_for_mesh, validate_placement, validate_tokens
-
-ALL = (NODE, LOCAL)
 
 
 @flax.struct.dataclass
@@ -77,17 +75,11 @@ def _traffic(hop_stats, tiers, shape: MeshShape):
   zero = jnp.int32(0)
   rows = {"inter": zero, "intra": zero}
   peak = {"inter": zero, "intra": zero}
+  me = jax.lax.axis_index(AXES)
   for tier, stats in zip(tiers, hop_stats):
     counts_P = stats.rows_to_peer_P
     peers = jnp.arange(counts_P.shape[0])
-    if tier == "device":
-      me = jax.lax.axis_index(ALL)
-      classes = {"inter": peers // shape.local != me // shape.local,
-                 "intra": (peers // shape.local == me // shape.local) & (peers != me)}
-    else:
-      me = jax.lax.axis_index(NODE if tier == "node" else LOCAL)
-      classes = {("inter" if tier == "node" else "intra"): peers != me}
-    for name, mask in classes.items():
+    for name, mask in traffic_classes(me, peers, tier, shape).items():
       rows[name] = rows[name] + jnp.sum(jnp.where(mask, counts_P, 0))
       peak[name] = jnp.maximum(peak[name], jnp.max(jnp.where(mask, counts_P, 0)))
   return rows, peak
@@ -116,7 +108,7 @@ def _run_strategy(name, x_TD, slots_TK, w_TK, expert_params, *, caps, layout, st
   dropped = {key: jnp.int32(0) for key in stage_keys}
   dropped.update({tier: s.dropped_pairs for tier, s in zip(strategy.tiers, stats.hops)})
   dropped["expert"] = stats.expert_dropped
-  return y_TD, (jax.lax.psum(dropped, ALL), jax.lax.psum(rows, ALL), jax.lax.pmax(peak, ALL))
+  return y_TD, (jax.lax.psum(dropped, AXES), jax.lax.psum(rows, AXES), jax.lax.pmax(peak, AXES))
 
 
 def _device_step(x_TD, slots_TK, w_TK, expert_params, *, dispatch, caps, layout, profile,
@@ -225,14 +217,3 @@ def collect_aux(intermediates) -> list[MoEAux]:
   """
   return [leaf for leaf in jax.tree.leaves(intermediates, is_leaf=lambda a: isinstance(a, MoEAux))
           if isinstance(leaf, MoEAux)]
-
-
-def aux_metrics(aux: MoEAux) -> dict[str, Any]:
-  """A flat dict of Python numbers, for logging."""
-  out = {"strategy": aux.strategy_ran(), "aux_loss": float(aux.aux_loss),
-         "load_balance_loss": float(aux.load_balance_loss), "z_loss": float(aux.z_loss),
-         "dropped": int(aux.dropped)}
-  for group in ("rows", "max_rows_per_peer", "dedup_rate", "dropped_by_stage"):
-    for key, value in getattr(aux, group).items():
-      out[f"{group}/{key}"] = value.item()
-  return out

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from hiermoe_jax import mesh as mesh_lib
 from hiermoe_jax.config import MoEConfig
 from hiermoe_jax.moe import moe_apply
 from hiermoe_jax.params import init_params_unsharded, param_specs

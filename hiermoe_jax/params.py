@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from hiermoe_jax import mesh as mesh_lib
 from hiermoe_jax.config import MoEConfig
+from hiermoe_jax.validate import validate_for_mesh
 
 
 def param_shapes(config: MoEConfig) -> dict:
@@ -68,12 +69,16 @@ def init_params_unsharded(key, config: MoEConfig) -> dict:
   return jax.tree_util.tree_unflatten(treedef, values)
 
 
+def param_shardings(config: MoEConfig, mesh: Mesh) -> dict:
+  """NamedShardings matching `param_shapes` on `mesh`."""
+  return jax.tree.map(lambda s: mesh_lib.named(mesh, s), param_specs(config))
+
+
 def init_params(key, config: MoEConfig, mesh: Mesh) -> dict:
   """Initialises params directly into their shardings (no full copy on one device)."""
-  from hiermoe_jax.validate import validate_for_mesh
   validate_for_mesh(config, mesh)
-  shardings = jax.tree.map(lambda s: mesh_lib.named(mesh, s), param_specs(config))
-  return jax.jit(init_params_unsharded, static_argnums=1, out_shardings=shardings)(key, config)
+  return jax.jit(init_params_unsharded, static_argnums=1,
+                 out_shardings=param_shardings(config, mesh))(key, config)
 
 
 def init_router_bias(config: MoEConfig) -> jax.Array:

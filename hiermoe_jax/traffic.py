@@ -16,6 +16,7 @@ import numpy as np
 
 from hiermoe_jax.config import STRATEGIES
 from hiermoe_jax.dispatch import get_strategy
+from hiermoe_jax.dispatch.base import peer_along, traffic_classes
 from hiermoe_jax.dispatch.capacity import capacities, tier_peers
 from hiermoe_jax.mesh import MeshShape
 
@@ -26,10 +27,6 @@ def _ranks(keys_sorted_by_group: np.ndarray) -> np.ndarray:
   starts = np.r_[True, keys_sorted_by_group[1:] != keys_sorted_by_group[:-1]] if n else np.r_[[]]
   first = np.maximum.accumulate(np.where(starts, np.arange(n), 0)) if n else np.r_[[]]
   return np.arange(n) - first
-
-
-def _peer(device, tier, shape: MeshShape):
-  return {"device": device, "node": device // shape.local, "local": device % shape.local}[tier]
 
 
 def _receiver(device, peer, tier, shape: MeshShape):
@@ -54,7 +51,7 @@ def simulate(slots_DTK: np.ndarray, strategy: str, shape: MeshShape, num_experts
   result = {"hops": [], "dropped": {}}
   for h, tier in enumerate(strat.tiers):
     peers = tier_peers(tier, shape)
-    peer = _peer(slot // per_device, tier, shape)
+    peer = peer_along(slot // per_device, tier, shape)
     # Row-parts: unique (device, row, peer) among live pairs, ordered for ranking.
     live = np.flatnonzero(alive)
     key = np.stack([cur[live], peer[live], row[live]])
@@ -71,7 +68,7 @@ def simulate(slots_DTK: np.ndarray, strategy: str, shape: MeshShape, num_experts
     # Move the kept pairs: new device and row id (source peer, position).
     moved = live[kept_part[inverse]]
     src_dev, dst_peer = cur[moved], peer[moved]
-    source_index = _peer(src_dev, tier, shape)
+    source_index = peer_along(src_dev, tier, shape)
     row[moved] = source_index * cap + pos[inverse][kept_part[inverse]]
     cur[moved] = _receiver(src_dev, dst_peer, tier, shape)
   # Expert stage: first `expert_cap` entries per (device, local expert), by (row, k).
@@ -85,18 +82,6 @@ def simulate(slots_DTK: np.ndarray, strategy: str, shape: MeshShape, num_experts
   alive[live[over]] = False
   result["kept_DTK"] = alive.reshape(slots_DTK.shape)
   return result
-
-
-def _classify(sent_DP: np.ndarray, tier: str, shape: MeshShape):
-  """Splits a hop's sent rows into inter-node and intra-node, excluding self."""
-  devices, peers = sent_DP.shape
-  d = np.arange(devices)[:, None]
-  p = np.arange(peers)[None, :]
-  if tier == "device":
-    same_node = p // shape.local == d // shape.local
-    return {"inter": ~same_node, "intra": same_node & (p != d)}
-  me = _peer(d, tier, shape)
-  return {("inter" if tier == "node" else "intra"): p != me}
 
 
 def dedup_rate(slots_DTK: np.ndarray, experts_per_group: int) -> float:
@@ -149,7 +134,10 @@ def stats(topk_ids, *, mesh_shape, num_experts: int, placement=None, d_model: in
     rows = {"inter": 0, "intra": 0}
     peak = {"inter": 0, "intra": 0}
     for hop in sim["hops"]:
-      for tier_class, mask in _classify(hop["sent"], hop["tier"], shape).items():
+      devices, peers = hop["sent"].shape
+      classes = traffic_classes(np.arange(devices)[:, None], np.arange(peers)[None, :],
+                                hop["tier"], shape)
+      for tier_class, mask in classes.items():
         masked = np.where(mask, hop["sent"], 0)
         rows[tier_class] += int(masked.sum())
         peak[tier_class] = max(peak[tier_class], int(masked.max(initial=0)))

@@ -16,9 +16,7 @@ import jax.numpy as jnp
 
 from hiermoe_jax import cost
 from hiermoe_jax.config import STRATEGIES
-from hiermoe_jax.mesh import LOCAL, NODE, MeshShape
-
-ALL = (NODE, LOCAL)
+from hiermoe_jax.mesh import AXES, LOCAL, NODE, MeshShape
 
 
 def _counts(dest_TK, groups: int):
@@ -41,7 +39,7 @@ def live_peaks(slots_TK, *, shape: MeshShape, experts_per_device: int) -> dict:
   device_TK = slots_TK // experts_per_device
   pairs_dev, distinct_dev = _counts(device_TK, shape.devices)
   pairs_node, distinct_node = _counts(device_TK // shape.local, shape.nodes)
-  me_dev = jax.lax.axis_index(ALL)
+  me_dev = jax.lax.axis_index(AXES)
   me_node, me_local = jax.lax.axis_index(NODE), jax.lax.axis_index(LOCAL)
 
   # Stage-1 receiver (n', l) forwards, to local peer g', what every source
@@ -55,7 +53,7 @@ def live_peaks(slots_TK, *, shape: MeshShape, experts_per_device: int) -> dict:
       _peak_excluding(pairs_dev, me_dev), _peak_excluding(distinct_dev, me_dev),
       _peak_excluding(pairs_node, me_node), stage2_pairs,
       _peak_excluding(distinct_node, me_node), stage2_distinct])
-  peaks = jax.lax.pmax(local_peaks, ALL)
+  peaks = jax.lax.pmax(local_peaks, AXES)
   out: dict = {}
   for name, value in zip(names, peaks):
     out[name] = out.get(name, ()) + (value,)

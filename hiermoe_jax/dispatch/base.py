@@ -17,6 +17,28 @@ import dataclasses
 TIERS = ("device", "node", "local")
 
 
+def peer_along(device, tier: str, shape):
+  """A device's index along `tier`: its peer index in a hop over that tier.
+
+  Plain arithmetic, so it serves numpy (host statistics) and jnp (devices) alike.
+  """
+  if tier == "device":
+    return device
+  if tier == "node":
+    return device // shape.local
+  return device % shape.local
+
+
+def traffic_classes(device, peer, tier: str, shape) -> dict:
+  """Masks of the rows `device` sends to `peer` in a hop over `tier`, by link:
+  "inter" crosses nodes, "intra" stays in one; rows to itself are in neither."""
+  if tier == "device":
+    same_node = peer // shape.local == device // shape.local
+    return {"inter": ~same_node, "intra": same_node & (peer != device)}
+  kind = "inter" if tier == "node" else "intra"
+  return {kind: peer != peer_along(device, tier, shape)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Strategy:
   name: str

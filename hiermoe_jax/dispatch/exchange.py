@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from hiermoe_jax import experts as experts_lib
-from hiermoe_jax.dispatch.base import Strategy
+from hiermoe_jax.dispatch.base import Strategy, peer_along
 from hiermoe_jax.dispatch.capacity import tier_peers
 from hiermoe_jax.mesh import LOCAL, NODE, MeshShape
 from hiermoe_jax.permute import permute, unpermute
@@ -45,12 +45,7 @@ class Layout:
 
   def peer_of(self, slots, tier: str):
     """Destination peer, along `tier`, of physical expert slots."""
-    device = slots // self.experts_per_device
-    if tier == "device":
-      return device
-    if tier == "node":
-      return device // self.shape.local
-    return device % self.shape.local
+    return peer_along(slots // self.experts_per_device, tier, self.shape)
 
 
 class HopStats(NamedTuple):
