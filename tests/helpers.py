@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 
 import hiermoe_jax as hm
+from hiermoe_jax.dispatch import get_strategy
+from hiermoe_jax.dispatch.capacity import capacities
+from hiermoe_jax.mesh import MeshShape
+from bruteforce import simulate
 
 MESHES = {"1x1": (1, 1), "1x8": (1, 8), "2x4": (2, 4), "4x2": (4, 2), "8x1": (8, 1)}
 
@@ -31,14 +35,15 @@ def router_config(router: str, **overrides) -> hm.MoEConfig:
   return hm.MoEConfig(**{**base, "dropless": True, **overrides})
 
 
-def random_inputs(config, mesh, *, tokens_per_device=8, seed=0):
-  """Params, x [devices * tokens_per_device, D], a random placement and router bias."""
+def random_inputs(config, mesh, *, tokens_per_device=8, seed=0, bias_scale=0.1):
+  """Params, x [devices * tokens_per_device, D], a random placement and router bias
+  (a large bias_scale skews the routing towards a few experts)."""
   keys = jax.random.split(jax.random.key(seed), 4)
   params = hm.init_params(keys[0], config, mesh)
   devices = mesh.devices.size
   x = jax.random.normal(keys[1], (devices * tokens_per_device, config.d_model))
   placement = jax.random.permutation(keys[2], config.num_experts).astype(jnp.int32)
-  bias = 0.1 * jax.random.normal(keys[3], (config.num_experts,))
+  bias = bias_scale * jax.random.normal(keys[3], (config.num_experts,))
   return params, x, placement, bias
 
 
@@ -55,3 +60,41 @@ def assert_trees_close(actual, expected, *, rtol=1e-5, atol=1e-5):
                                                        np.asarray(e, np.float32),
                                                        rtol=rtol, atol=atol),
                actual, expected)
+
+
+def check_against_reference(config, mesh, *, tokens_per_device=8, seed=0, kept_fn=None,
+                            bias_scale=0.1):
+  """moe_apply (jitted, with a random placement and router bias) equals the dense
+  reference in outputs and gradients; kept_fn gives the reference the kept pairs."""
+  params, x, placement, bias = random_inputs(config, mesh, tokens_per_device=tokens_per_device,
+                                             seed=seed, bias_scale=bias_scale)
+  cot = jax.random.normal(jax.random.key(seed + 7), x.shape)
+  run = jax.jit(loss_and_output(
+      lambda p, x: hm.moe_apply(p, x, config=config, mesh=mesh, placement=placement,
+                                router_bias=bias)[0], cot))
+  (_, y), grads = run(params, x)
+  kept = None if kept_fn is None else kept_fn(params, x, placement, bias)
+  ref = jax.jit(loss_and_output(
+      lambda p, x: hm.reference_moe(p, x, config, placement=placement, router_bias=bias,
+                                    kept_TK=kept), cot))
+  (_, y_ref), grads_ref = ref(params, x)
+  assert_trees_close(y, y_ref)
+  assert_trees_close(grads, grads_ref)
+
+
+def bruteforce_kept(config, mesh, tokens_per_device):
+  """kept_fn for check_against_reference: the pairs an independent loop simulation keeps."""
+  shape = MeshShape.of(mesh)
+  caps = capacities(get_strategy(config.dispatch), tokens=tokens_per_device,
+                    top_k=config.top_k, num_experts=config.num_experts, shape=shape,
+                    capacity_factor=config.capacity_factor, dropless=config.dropless)
+
+  def kept_fn(params, x, placement, bias):
+    routing = hm.reference.reference_routing(params, x, config, bias)
+    slot_of = np.argsort(np.asarray(placement))
+    slots = slot_of[np.asarray(routing.ids_TK)].reshape(shape.devices, tokens_per_device, -1)
+    sim = simulate(slots.tolist(), strategy=config.dispatch, nodes=shape.nodes,
+                   local=shape.local, num_experts=config.num_experts, hop_caps=caps.hops,
+                   expert_cap=caps.expert)
+    return jnp.asarray(np.array(sim["kept"]).reshape(-1, config.top_k)), sim
+  return kept_fn

@@ -5,8 +5,6 @@ non-identity placements; plus capacity drops checked against a brute-force
 simulation, and the edge cases.
 """
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,63 +12,26 @@ import pytest
 
 import hiermoe_jax as hm
 from hiermoe_jax.config import STRATEGIES
-from hiermoe_jax.dispatch import get_strategy
-from hiermoe_jax.dispatch.capacity import capacities
-from hiermoe_jax.mesh import MeshShape
-from bruteforce import simulate
-from helpers import assert_trees_close, loss_and_output, mesh_of, random_inputs, router_config
-
-
-def _check_against_reference(config, mesh, *, tokens_per_device=8, seed=0, kept_fn=None):
-  params, x, placement, bias = random_inputs(config, mesh, tokens_per_device=tokens_per_device,
-                                             seed=seed)
-  cot = jax.random.normal(jax.random.key(seed + 7), x.shape)
-  run = jax.jit(loss_and_output(
-      lambda p, x: hm.moe_apply(p, x, config=config, mesh=mesh, placement=placement,
-                                router_bias=bias)[0], cot))
-  (_, y), grads = run(params, x)
-  kept = None if kept_fn is None else kept_fn(params, x, placement, bias)
-  ref = jax.jit(loss_and_output(
-      lambda p, x: hm.reference_moe(p, x, config, placement=placement, router_bias=bias,
-                                    kept_TK=kept), cot))
-  (_, y_ref), grads_ref = ref(params, x)
-  assert_trees_close(y, y_ref)
-  assert_trees_close(grads, grads_ref)
+from helpers import (assert_trees_close, bruteforce_kept, check_against_reference, mesh_of,
+                     random_inputs, router_config)
 
 
 @pytest.mark.parametrize("mesh_name", ["2x4", "4x2", "1x8", "8x1"])
 @pytest.mark.parametrize("router", ["softmax", "sigmoid_grouped"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_matches_reference(strategy, router, mesh_name):
-  _check_against_reference(router_config(router, dispatch=strategy), mesh_of(mesh_name))
+  check_against_reference(router_config(router, dispatch=strategy), mesh_of(mesh_name))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_single_device_mesh(strategy):
-  _check_against_reference(router_config("softmax", dispatch=strategy), mesh_of("1x1"))
+  check_against_reference(router_config("softmax", dispatch=strategy), mesh_of("1x1"))
 
 
 @pytest.mark.parametrize("expert_compute", ["ragged_dot"])
 def test_ragged_dot_expert_compute(expert_compute):
   config = router_config("softmax", dispatch="hier_dedup", expert_compute=expert_compute)
-  _check_against_reference(config, mesh_of("2x4"))
-
-
-def _bruteforce_kept(config, mesh, tokens_per_device):
-  shape = MeshShape.of(mesh)
-  caps = capacities(get_strategy(config.dispatch), tokens=tokens_per_device,
-                    top_k=config.top_k, num_experts=config.num_experts, shape=shape,
-                    capacity_factor=config.capacity_factor, dropless=config.dropless)
-
-  def kept_fn(params, x, placement, bias):
-    routing = hm.reference.reference_routing(params, x, config, bias)
-    slot_of = np.argsort(np.asarray(placement))
-    slots = slot_of[np.asarray(routing.ids_TK)].reshape(shape.devices, tokens_per_device, -1)
-    sim = simulate(slots.tolist(), strategy=config.dispatch, nodes=shape.nodes,
-                   local=shape.local, num_experts=config.num_experts, hop_caps=caps.hops,
-                   expert_cap=caps.expert)
-    return jnp.asarray(np.array(sim["kept"]).reshape(-1, config.top_k)), sim
-  return kept_fn
+  check_against_reference(config, mesh_of("2x4"))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -79,14 +40,14 @@ def test_drops_match_bruteforce(strategy, router):
   """With a small capacity factor, drops are the brute-force ones and outputs match."""
   mesh, tokens = mesh_of("2x4"), 16
   config = router_config(router, dispatch=strategy, dropless=False, capacity_factor=0.5)
-  kept_fn = _bruteforce_kept(config, mesh, tokens)
+  kept_fn = bruteforce_kept(config, mesh, tokens)
   params, x, placement, bias = random_inputs(config, mesh, tokens_per_device=tokens, seed=3)
   _, aux = jax.jit(lambda p, x: hm.moe_apply(p, x, config=config, mesh=mesh,
                                              placement=placement, router_bias=bias))(params, x)
   _, sim = kept_fn(params, x, placement, bias)
   assert {k: int(v) for k, v in aux.dropped_by_stage.items()} == sim["dropped"]
   assert int(aux.dropped) == sum(sim["dropped"].values()) > 0
-  _check_against_reference(config, mesh, tokens_per_device=tokens, seed=3,
+  check_against_reference(config, mesh, tokens_per_device=tokens, seed=3,
                            kept_fn=lambda *a: kept_fn(*a)[0])
 
 
@@ -107,13 +68,13 @@ def test_dropless_never_drops_on_skewed_routing():
 @pytest.mark.parametrize("strategy", ["flat", "hier_dedup"])
 def test_top_k_equals_num_experts(strategy):
   config = router_config("softmax", dispatch=strategy, num_experts=8, top_k=8)
-  _check_against_reference(config, mesh_of("2x4"))
+  check_against_reference(config, mesh_of("2x4"))
 
 
 @pytest.mark.parametrize("strategy", ["flat", "hier_dedup"])
 def test_one_token_per_device(strategy):
   config = router_config("sigmoid_grouped", dispatch=strategy)
-  _check_against_reference(config, mesh_of("2x4"), tokens_per_device=1)
+  check_against_reference(config, mesh_of("2x4"), tokens_per_device=1)
 
 
 def test_batched_input_shape_and_dtype():
