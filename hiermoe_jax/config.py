@@ -1,12 +1,15 @@
 """MoEConfig: one frozen, validated description of an MoE block.
 
 Every field is checked in `__post_init__`; checks that need the device mesh live
-in `validate_for_mesh`. Errors name the field, its value and what is valid.
+in `validate_for_mesh`. Errors are `ConfigError`s naming the field, its value and
+what is valid, raised before any tracing or compilation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -18,10 +21,27 @@ EXPERT_COMPUTE = ("einsum", "ragged_dot")
 PERMUTE_IMPLS = ("xla", "pallas")
 ALL_TO_ALL_IMPLS = ("padded", "ragged")
 DTYPES = ("float32", "bfloat16", "float16")
+SEED_LIMIT = 2 ** 63  # seeds are in [0, SEED_LIMIT): jax.random.key takes a C long
+
+
+class ConfigError(ValueError):
+  """Bad user input (a config field, option or file); the one-line message names the
+  field, the value and what is valid. Scripts print it without a traceback; any
+  other exception is a bug and keeps its traceback."""
 
 
 def _fail(field: str, value: Any, valid: str) -> None:
-  raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {valid}")
+  raise ConfigError(f"MoEConfig.{field}={value!r} is invalid: {valid}")
+
+
+def is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_real(value: Any) -> bool:
+  """A finite int or float (numpy scalars included), not a bool."""
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +92,20 @@ class MoEConfig:
 
     for name in ("d_model", "d_ff", "num_experts", "top_k", "n_group", "topk_group"):
       value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      if not is_int(value) or value < 1:
         _fail(name, value, "must be an integer >= 1")
+    for name in ("norm_topk_prob", "shared_gate", "dropless"):
+      if not isinstance(getattr(self, name), bool):
+        _fail(name, getattr(self, name), "must be a bool (True or False)")
+    # Floats must be finite: an inf capacity or weight would only fail inside XLA.
+    for name, positive in (("routed_scaling_factor", True), ("capacity_factor", True),
+                           ("load_balance_weight", False), ("z_loss_weight", False),
+                           ("bias_update_rate", False)):
+      value = getattr(self, name)
+      if not is_finite_real(value) or value < 0 or (positive and value == 0):
+        hint = " (or set dropless=True)" if name == "capacity_factor" else ""
+        _fail(name, value, f"must be a finite number {'> 0' if positive else '>= 0'}{hint}")
+      object.__setattr__(self, name, float(value))
     if self.top_k > self.num_experts:
       _fail("top_k", self.top_k, f"must satisfy 1 <= top_k <= num_experts={self.num_experts}")
     if self.router not in ROUTERS:
@@ -93,25 +125,24 @@ class MoEConfig:
       # A group's score is the sum of its top-2 expert scores (DeepSeek-V3).
       _fail("n_group", self.n_group,
             f"needs >= 2 experts per group (num_experts={self.num_experts})")
-    if not self.routed_scaling_factor > 0:
-      _fail("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
-    if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+    if not is_int(self.n_shared_experts) or self.n_shared_experts < 0:
       _fail("n_shared_experts", self.n_shared_experts, "must be an integer >= 0")
-    if self.shared_d_ff is not None and (not isinstance(self.shared_d_ff, int)
-                                         or self.shared_d_ff < 1):
+    if self.shared_d_ff is not None and (not is_int(self.shared_d_ff) or self.shared_d_ff < 1):
       _fail("shared_d_ff", self.shared_d_ff, "must be None or an integer >= 1")
     if self.shared_gate and self.n_shared_experts == 0:
       _fail("shared_gate", self.shared_gate, "needs n_shared_experts >= 1")
-    if not self.capacity_factor > 0:
-      _fail("capacity_factor", self.capacity_factor, "must be > 0 (or set dropless=True)")
     if self.dispatch not in DISPATCH:
       _fail("dispatch", self.dispatch, f"must be one of {DISPATCH}")
     if not isinstance(self.cost_profile, str) or not self.cost_profile:
       _fail("cost_profile", self.cost_profile,
             "must be a shipped profile name (e.g. 'default') or a path to a profile JSON")
-    for name in ("load_balance_weight", "z_loss_weight", "bias_update_rate"):
-      if not getattr(self, name) >= 0:
-        _fail(name, getattr(self, name), "must be >= 0")
+    if self.dispatch == "auto":
+      # Load it now: `auto` would otherwise fail on first use, inside jit tracing.
+      from hiermoe_jax import cost
+      try:
+        cost.load_profile(self.cost_profile)
+      except ConfigError as e:
+        _fail("cost_profile", self.cost_profile, str(e))
     if self.bias_update_rate > 0 and self.router != "sigmoid_grouped":
       _fail("bias_update_rate", self.bias_update_rate,
             "the aux-loss-free bias applies to router='sigmoid_grouped' only")

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from hiermoe_jax.config import ConfigError
 from hiermoe_jax.mesh import MeshShape
 
 STAGE_KINDS = ("flat", "inter", "intra")
@@ -62,10 +63,10 @@ def stage_bytes(group: int, max_rows_per_peer, d_model: int, bytes_per_elem: int
 
 def _check_number(owner: str, field: str, value) -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ValueError(f"{owner}.{field}={value!r} is invalid: must be a number >= 0")
+    raise ConfigError(f"{owner}.{field}={value!r} is invalid: must be a number >= 0")
   value = float(value)
   if not math.isfinite(value) or value < 0:
-    raise ValueError(f"{owner}.{field}={value!r} is invalid: must be a finite number >= 0")
+    raise ConfigError(f"{owner}.{field}={value!r} is invalid: must be a finite number >= 0")
   return value
 
 
@@ -98,9 +99,9 @@ class CostProfile:
     for kind in STAGE_KINDS:
       value = getattr(self, kind)
       if not isinstance(value, StageCost):
-        raise ValueError(f"CostProfile.{kind}={value!r} is invalid: must be a StageCost")
+        raise ConfigError(f"CostProfile.{kind}={value!r} is invalid: must be a StageCost")
     if not isinstance(self.name, str):
-      raise ValueError(f"CostProfile.name={self.name!r} is invalid: must be a string")
+      raise ConfigError(f"CostProfile.name={self.name!r} is invalid: must be a string")
 
   def stage(self, kind: str) -> StageCost:
     if kind not in STAGE_KINDS:
@@ -115,26 +116,26 @@ class CostProfile:
   @classmethod
   def from_dict(cls, data: Any, *, source: str = "profile") -> "CostProfile":
     if not isinstance(data, Mapping):
-      raise ValueError(f"{source}: a cost profile must be a JSON object, got "
-                       f"{type(data).__name__}")
+      raise ConfigError(f"{source}: a cost profile must be a JSON object, got "
+                        f"{type(data).__name__}")
     stages = {}
     for kind in STAGE_KINDS:
       entry = data.get(kind)
       if not isinstance(entry, Mapping):
-        raise ValueError(f"{source}: field {kind!r} is missing or not an object "
-                         f"with alpha_ms and beta_ms_per_byte")
+        raise ConfigError(f"{source}: field {kind!r} is missing or not an object "
+                          f"with alpha_ms and beta_ms_per_byte")
       values = {}
       for field in ("alpha_ms", "beta_ms_per_byte"):
         if field not in entry:
-          raise ValueError(f"{source}: field {kind}.{field} is missing")
+          raise ConfigError(f"{source}: field {kind}.{field} is missing")
         try:
           values[field] = _check_number(f"{kind}", field, entry[field])
-        except ValueError as e:
-          raise ValueError(f"{source}: {e}") from None
+        except ConfigError as e:
+          raise ConfigError(f"{source}: {e}") from None
       stages[kind] = StageCost(**values)
     name = data.get("name", "")
     if not isinstance(name, str):
-      raise ValueError(f"{source}: field 'name'={name!r} must be a string")
+      raise ConfigError(f"{source}: field 'name'={name!r} must be a string")
     return cls(**stages, name=name)
 
   @classmethod
@@ -142,7 +143,7 @@ class CostProfile:
     try:
       data = json.loads(text)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{source}: not valid JSON ({e})") from None
+      raise ConfigError(f"{source}: not valid JSON ({e})") from None
     return cls.from_dict(data, source=source)
 
   def save(self, path: str | os.PathLike) -> None:
@@ -151,12 +152,15 @@ class CostProfile:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "CostProfile":
+    source = f"cost profile {os.fspath(path)!r}"
     try:
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         text = f.read()
     except OSError as e:
-      raise ValueError(f"cost profile {os.fspath(path)!r} cannot be read: {e.strerror}") from None
-    return cls.from_json(text, source=f"cost profile {os.fspath(path)!r}")
+      raise ConfigError(f"{source} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError:
+      raise ConfigError(f"{source} cannot be read: not a UTF-8 text (JSON) file") from None
+    return cls.from_json(text, source=source)
 
 
 def shipped_profiles() -> list[str]:
@@ -171,8 +175,8 @@ def load_profile(name_or_path: str | os.PathLike) -> CostProfile:
   if os.sep not in text and not text.endswith(".json"):
     resource = resources.files("hiermoe_jax") / "profiles" / f"{text}.json"
     if not resource.is_file():
-      raise ValueError(f"cost profile {text!r} is neither a shipped profile "
-                       f"{shipped_profiles()} nor a path to a .json file")
+      raise ConfigError(f"cost profile {text!r} is neither a shipped profile "
+                        f"{shipped_profiles()} nor a path to a .json file")
     return CostProfile.from_json(resource.read_text(), source=f"cost profile {text!r}")
   return CostProfile.load(text)
 

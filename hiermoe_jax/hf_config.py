@@ -1,14 +1,42 @@
-"""Hugging Face `config.json` -> MoEConfig fields, one function per model family."""
+"""Hugging Face `config.json` -> MoEConfig fields, one function per model family.
+
+Optional keys are read with typed getters, so a malformed value raises a one-line
+`ConfigError` naming the Hugging Face key (not a bare `int()` / `float()` error).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from hiermoe_jax.config import ConfigError, is_finite_real, is_int
+
 
 def _require(config: Mapping[str, Any], key: str, family: str) -> Any:
   if key not in config:
-    raise ValueError(f"Hugging Face {family} config is missing key {key!r}")
+    raise ConfigError(f"Hugging Face {family} config is missing key {key!r}")
   return config[key]
+
+
+def _get(config: Mapping[str, Any], key: str, family: str, default: Any, ok: Callable,
+         valid: str) -> Any:
+  value = config.get(key, default)
+  if value is None:  # HF writes null for "unset"
+    value = default
+  if not ok(value):
+    raise ConfigError(f"Hugging Face {family} config key {key}={value!r} is invalid: {valid}")
+  return value
+
+
+def _int(c, key, family, default):
+  return _get(c, key, family, default, is_int, "expected an integer")
+
+
+def _float(c, key, family, default):
+  return float(_get(c, key, family, default, is_finite_real, "expected a finite number"))
+
+
+def _bool(c, key, family, default):
+  return _get(c, key, family, default, lambda v: isinstance(v, bool), "expected true or false")
 
 
 def _mixtral(c):
@@ -19,23 +47,23 @@ def _mixtral(c):
       top_k=_require(c, "num_experts_per_tok", "mixtral"),
       router="softmax",
       norm_topk_prob=True,  # Mixtral always renormalises its top-k weights.
-      load_balance_weight=float(c.get("router_aux_loss_coef", 0.0)),
+      load_balance_weight=_float(c, "router_aux_loss_coef", "mixtral", 0.0),
   )
 
 
 def _qwen2_moe(c):
-  shared = int(c.get("shared_expert_intermediate_size", 0) or 0)
+  shared = _int(c, "shared_expert_intermediate_size", "qwen2_moe", 0)
   return dict(
       d_model=_require(c, "hidden_size", "qwen2_moe"),
       d_ff=_require(c, "moe_intermediate_size", "qwen2_moe"),
       num_experts=_require(c, "num_experts", "qwen2_moe"),
       top_k=_require(c, "num_experts_per_tok", "qwen2_moe"),
       router="softmax",
-      norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+      norm_topk_prob=_bool(c, "norm_topk_prob", "qwen2_moe", False),
       n_shared_experts=1 if shared else 0,
       shared_d_ff=shared or None,
       shared_gate=bool(shared),  # Qwen2-MoE gates its shared expert with a sigmoid.
-      load_balance_weight=float(c.get("router_aux_loss_coef", 0.0)),
+      load_balance_weight=_float(c, "router_aux_loss_coef", "qwen2_moe", 0.0),
   )
 
 
@@ -46,15 +74,16 @@ def _qwen3_moe(c):
       num_experts=_require(c, "num_experts", "qwen3_moe"),
       top_k=_require(c, "num_experts_per_tok", "qwen3_moe"),
       router="softmax",
-      norm_topk_prob=bool(c.get("norm_topk_prob", False)),
-      load_balance_weight=float(c.get("router_aux_loss_coef", 0.0)),
+      norm_topk_prob=_bool(c, "norm_topk_prob", "qwen3_moe", False),
+      load_balance_weight=_float(c, "router_aux_loss_coef", "qwen3_moe", 0.0),
   )
 
 
 def _deepseek_v3(c):
   scoring = c.get("scoring_func", "sigmoid")
   if scoring != "sigmoid":
-    raise ValueError(f"DeepSeek-V3 config has scoring_func={scoring!r}; only 'sigmoid' is supported")
+    raise ConfigError(f"DeepSeek-V3 config has scoring_func={scoring!r}; only 'sigmoid' is "
+                      "supported")
   moe_ff = _require(c, "moe_intermediate_size", "deepseek_v3")
   return dict(
       d_model=_require(c, "hidden_size", "deepseek_v3"),
@@ -62,11 +91,11 @@ def _deepseek_v3(c):
       num_experts=_require(c, "n_routed_experts", "deepseek_v3"),
       top_k=_require(c, "num_experts_per_tok", "deepseek_v3"),
       router="sigmoid_grouped",
-      norm_topk_prob=bool(c.get("norm_topk_prob", True)),
-      n_group=int(c.get("n_group", 1)),
-      topk_group=int(c.get("topk_group", 1)),
-      routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
-      n_shared_experts=int(c.get("n_shared_experts", 0) or 0),
+      norm_topk_prob=_bool(c, "norm_topk_prob", "deepseek_v3", True),
+      n_group=_int(c, "n_group", "deepseek_v3", 1),
+      topk_group=_int(c, "topk_group", "deepseek_v3", 1),
+      routed_scaling_factor=_float(c, "routed_scaling_factor", "deepseek_v3", 1.0),
+      n_shared_experts=_int(c, "n_shared_experts", "deepseek_v3", 0),
       shared_d_ff=moe_ff,  # HF merges n shared experts into one MLP of n * moe_ff.
   )
 
@@ -80,8 +109,11 @@ FAMILIES: dict[str, Callable[[Mapping[str, Any]], dict]] = {
 
 
 def moe_fields_from_hf(config: Mapping[str, Any]) -> dict:
+  if not isinstance(config, Mapping):
+    raise ConfigError(f"a Hugging Face config must be a mapping (the parsed config.json), "
+                      f"not {type(config).__name__}")
   model_type = config.get("model_type")
   if model_type not in FAMILIES:
-    raise ValueError(f"Hugging Face config model_type={model_type!r} is not supported; "
-                     f"expected one of {sorted(FAMILIES)}")
+    raise ConfigError(f"Hugging Face config model_type={model_type!r} is not supported; "
+                      f"expected one of {sorted(FAMILIES)}")
   return FAMILIES[model_type](config)

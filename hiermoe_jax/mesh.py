@@ -13,6 +13,8 @@ import dataclasses
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from hiermoe_jax.config import ConfigError, is_int
+
 NODE = "node"
 LOCAL = "local"
 AXES = (NODE, LOCAL)
@@ -26,6 +28,10 @@ def make_mesh(nodes: int | None = None, local: int | None = None, *, devices=Non
   equal the number of devices.
   """
   devices = jax.devices() if devices is None else list(devices)
+  for name, value in (("nodes", nodes), ("local", local)):
+    if value is not None and (not is_int(value) or value < 1):
+      raise ConfigError(f"make_mesh: {name}={value!r} is invalid: must be None or an "
+                        "integer >= 1")
   if nodes is None and local is None:
     nodes, local = jax.process_count(), jax.local_device_count()
   elif nodes is None:
@@ -33,12 +39,12 @@ def make_mesh(nodes: int | None = None, local: int | None = None, *, devices=Non
   elif local is None:
     local = len(devices) // nodes if nodes and len(devices) % nodes == 0 else -1
   for name, value in (("nodes", nodes), ("local", local)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"make_mesh: {name}={value} is invalid for {len(devices)} devices; "
-                       f"nodes * local must equal {len(devices)}")
+    if not is_int(value) or value < 1:
+      raise ConfigError(f"make_mesh: {name}={value!r} is invalid for {len(devices)} devices; "
+                        f"nodes * local must equal {len(devices)}")
   if nodes * local != len(devices):
-    raise ValueError(f"make_mesh: nodes={nodes} x local={local} = {nodes * local} devices, "
-                     f"but there are {len(devices)}; nodes * local must equal {len(devices)}")
+    raise ConfigError(f"make_mesh: nodes={nodes} x local={local} = {nodes * local} devices, "
+                      f"but there are {len(devices)}; nodes * local must equal {len(devices)}")
   return jax.make_mesh((nodes, local), AXES, axis_types=(AxisType.Auto, AxisType.Auto),
                        devices=devices)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 from jax.sharding import Mesh
 
-from hiermoe_jax.config import MoEConfig
+from hiermoe_jax.config import ConfigError, MoEConfig
 from hiermoe_jax.mesh import MeshShape
 
 
 def validate_for_mesh(config: MoEConfig, mesh: Mesh) -> MeshShape:
   shape = MeshShape.of(mesh)
   if config.num_experts % shape.devices:
-    raise ValueError(
+    raise ConfigError(
         f"MoEConfig.num_experts={config.num_experts} is invalid for a {shape.nodes}x"
         f"{shape.local} mesh: it must be a multiple of the device count {shape.devices}")
   return shape

@@ -21,25 +21,35 @@ from typing import Any, Mapping
 
 import yaml
 
-from hiermoe_jax.config import MoEConfig
+# ConfigError is the library's bad-input error, re-exported: scripts catch one class.
+from hiermoe_jax.config import SEED_LIMIT, ConfigError, MoEConfig, is_finite_real, is_int
 
 DTYPES = ("float32", "bfloat16", "float16")
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")
-
-
-class ConfigError(ValueError):
-  """A bad config key or value; the message names the key and what is valid."""
 
 
 def _fail(key: str, value: Any, valid: str):
   raise ConfigError(f"{key}={value!r} is invalid: {valid}")
 
 
-def _check_positive_ints(section: str, obj, names):
+def _check_ints(section: str, obj, names, low: int = 1, high: int | None = None):
   for name in names:
     value = getattr(obj, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      _fail(f"{section}.{name}", value, "must be an integer >= 1")
+    if not is_int(value) or value < low or (high is not None and value > high):
+      valid = f">= {low}" if high is None else f"in [{low}, {high}]"
+      _fail(f"{section}.{name}", value, f"must be an integer {valid}")
+
+
+def _check_real(key: str, value, valid: str, ok) -> None:
+  """Finite numbers only: inf / nan pass a bare `> 0` and then fail inside XLA."""
+  if not is_finite_real(value) or not ok(value):
+    _fail(key, value, f"must be a finite number {valid}")
+
+
+def _check_bools(section: str, obj, names):
+  for name in names:
+    if not isinstance(getattr(obj, name), bool):
+      _fail(f"{section}.{name}", getattr(obj, name), "must be a boolean (true/false)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,25 +71,24 @@ class ModelConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    _check_positive_ints("model", self, ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"))
+    _check_ints("model", self, ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"))
     if self.n_kv_heads is not None:
-      _check_positive_ints("model", self, ("n_kv_heads",))
+      _check_ints("model", self, ("n_kv_heads",))
       if self.n_heads % self.n_kv_heads:
         _fail("model.n_kv_heads", self.n_kv_heads, f"must divide model.n_heads={self.n_heads}")
     if self.head_dim is None and self.d_model % self.n_heads:
       _fail("model.n_heads", self.n_heads,
             f"must divide model.d_model={self.d_model} (or set model.head_dim)")
     if self.head_dim is not None:
-      _check_positive_ints("model", self, ("head_dim",))
+      _check_ints("model", self, ("head_dim",))
     if self.resolved_head_dim % 2:
       _fail("model.head_dim", self.resolved_head_dim, "must be even (RoPE rotates pairs)")
-    if not isinstance(self.first_k_dense, int) or not 0 <= self.first_k_dense <= self.n_layers:
+    if not is_int(self.first_k_dense) or not 0 <= self.first_k_dense <= self.n_layers:
       _fail("model.first_k_dense", self.first_k_dense,
             f"must be an integer in [0, model.n_layers={self.n_layers}]")
-    if not self.rope_theta > 0:
-      _fail("model.rope_theta", self.rope_theta, "must be > 0")
-    if not self.norm_eps > 0:
-      _fail("model.norm_eps", self.norm_eps, "must be > 0")
+    _check_real("model.rope_theta", self.rope_theta, "> 0", lambda v: v > 0)
+    _check_real("model.norm_eps", self.norm_eps, "> 0", lambda v: v > 0)
+    _check_bools("model", self, ("qk_norm", "tie_embeddings"))
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         _fail(f"model.{name}", getattr(self, name), f"must be one of {DTYPES}")
@@ -115,28 +124,32 @@ class TrainConfig:
   swap_max_pairs: int = 1  # disjoint expert pairs swapped per layer per decision
   swap_profile: str = "default"  # cost profile: "default", "paper_a6000" or a JSON path
   swap_migration_cost: bool = True  # false: migration priced at 0 (any predicted gain swaps)
+  on_nan: str = "stop"  # NaN/Inf loss or gradients: "stop" the run or "skip" the update
 
   def __post_init__(self):
-    _check_positive_ints("train", self, ("batch_size", "seq_len", "steps", "eval_batches", "keep"))
-    for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        _fail(f"train.{name}", value, "must be an integer >= 0")
-    for name in ("swap_interval", "swap_window", "swap_max_pairs"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        _fail(f"train.{name}", value, "must be an integer >= 0")
-    if not self.lr > 0:
-      _fail("train.lr", self.lr, "must be > 0")
-    if not 0 <= self.min_lr_ratio <= 1:
-      _fail("train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-    if not self.weight_decay >= 0:
-      _fail("train.weight_decay", self.weight_decay, "must be >= 0")
+    _check_ints("train", self, ("batch_size", "seq_len", "steps", "eval_batches", "keep"))
+    _check_ints("train", self, ("warmup_steps", "eval_every", "checkpoint_every", "swap_interval",
+                                "swap_window", "swap_max_pairs"), low=0)
+    _check_ints("train", self, ("seed",), low=0, high=SEED_LIMIT - 1)
+    _check_real("train.lr", self.lr, "> 0", lambda v: v > 0)
+    _check_real("train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1)
+    _check_real("train.weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0)
     for name in ("b1", "b2"):
-      if not 0 <= getattr(self, name) < 1:
-        _fail(f"train.{name}", getattr(self, name), "must be in [0, 1)")
-    if not self.grad_clip > 0:
-      _fail("train.grad_clip", self.grad_clip, "must be > 0")
+      _check_real(f"train.{name}", getattr(self, name), "in [0, 1)", lambda v: 0 <= v < 1)
+    _check_real("train.grad_clip", self.grad_clip, "> 0", lambda v: v > 0)
+    _check_bools("train", self, ("swap_migration_cost",))
+    if not isinstance(self.swap_profile, str) or not self.swap_profile:
+      _fail("train.swap_profile", self.swap_profile,
+            "must be a shipped profile name (e.g. 'default') or a path to a profile JSON")
+    if self.swap_interval:
+      # Load it now rather than after the model is built.
+      from hiermoe_jax import cost
+      try:
+        cost.load_profile(self.swap_profile)
+      except ConfigError as e:
+        _fail("train.swap_profile", self.swap_profile, str(e))
+    if self.on_nan not in ("skip", "stop"):
+      _fail("train.on_nan", self.on_nan, "must be 'skip' or 'stop'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +159,10 @@ class DataConfig:
   token_dtype: str = "uint16"  # element type of a pre-tokenised .bin file
 
   def __post_init__(self):
-    if not 0 < self.eval_fraction < 1:
-      _fail("data.eval_fraction", self.eval_fraction, "must be in (0, 1)")
+    if self.path is not None and (not isinstance(self.path, str) or not self.path):
+      # "" would read the working directory (pathlib.Path("") is ".").
+      _fail("data.path", self.path, "must be null (the default corpus) or a non-empty path")
+    _check_real("data.eval_fraction", self.eval_fraction, "in (0, 1)", lambda v: 0 < v < 1)
     if self.token_dtype not in TOKEN_DTYPES:
       _fail("data.token_dtype", self.token_dtype, f"must be one of {TOKEN_DTYPES}")
 
@@ -160,8 +175,7 @@ class MeshConfig:
   def __post_init__(self):
     for name in ("nodes", "local"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                or value < 1):
+      if value is not None and (not is_int(value) or value < 1):
         _fail(f"mesh.{name}", value, "must be None or an integer >= 1")
 
 
@@ -248,21 +262,24 @@ def _build_section(name: str, values: Mapping[str, Any], extra: Mapping[str, Any
     raise ConfigError(f"config key {name}.{missing[0]} is required but missing")
   try:
     return cls(**kwargs)
-  except ConfigError:
-    raise
-  except (ValueError, TypeError) as e:
+  except ConfigError as e:
     # MoEConfig names fields "MoEConfig.x"; users write them "moe.x".
     raise ConfigError(str(e).replace("MoEConfig.", "moe.")) from None
 
 
-def config_from_dict(raw: Mapping[str, Any]) -> Config:
-  raw = dict(raw or {})
-  for section in raw:
+def _check_sections(raw: Mapping[str, Any]) -> None:
+  for section, values in raw.items():
     if section not in SECTIONS:
       raise ConfigError(f"unknown config section {section!r}; valid sections: "
                         f"{', '.join(SECTIONS)}")
-    if raw[section] is not None and not isinstance(raw[section], Mapping):
-      raise ConfigError(f"config section {section!r} must be a mapping of key: value")
+    if values is not None and not isinstance(values, Mapping):
+      raise ConfigError(f"config section {section!r} must be a mapping of key: value, "
+                        f"not {type(values).__name__}")
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+  raw = dict(raw or {})
+  _check_sections(raw)
   sections = {name: raw.get(name) or {} for name in SECTIONS}
   model = _build_section("model", sections["model"])
   built = {"model": model}
@@ -274,6 +291,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
   """Applies "section.key=value" strings to a raw (YAML) dict; values are coerced later."""
+  _check_sections(raw or {})
   raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
   for item in overrides:
     if "=" not in item:
@@ -293,10 +311,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
   raw = {}
   if path is not None:
+    name = repr(str(path))
     try:
-      raw = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+      raw = yaml.safe_load(pathlib.Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-      raise ConfigError(f"config file {str(path)!r} does not exist") from None
+      raise ConfigError(f"config file {name} does not exist") from None
+    except OSError as e:  # a directory, no permission, ...
+      raise ConfigError(f"config file {name} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError:
+      raise ConfigError(f"config file {name} cannot be read: not a UTF-8 text file") from None
+    except yaml.YAMLError as e:
+      mark = getattr(e, "problem_mark", None)
+      where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+      problem = getattr(e, "problem", None) or type(e).__name__
+      raise ConfigError(f"config file {name} is not valid YAML{where}: {problem}") from None
     if not isinstance(raw, Mapping):
-      raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+      raise ConfigError(f"config file {name} must hold a mapping of sections")
   return config_from_dict(apply_overrides(raw, list(overrides)))

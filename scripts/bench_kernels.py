@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from hiermoe_jax import cli  # noqa: E402
 from pallas_kernels import permute, permute_reference, unpermute, unpermute_reference  # noqa: E402
 
 
@@ -46,8 +47,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     sizes = []
     for item in text.split(","):
         t, sep, d = item.strip().lower().partition("x")
-        if not sep or not t.isdigit() or not d.isdigit():
-            raise argparse.ArgumentTypeError(f"size {item!r} must look like TxD, e.g. 4096x1024")
+        if not (sep and t.isdecimal() and d.isdecimal() and int(t) >= 1 and int(d) >= 1):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is invalid: size {item!r} must be TxD with T, D >= 1, e.g. 4096x1024")
         sizes.append((int(t), int(d)))
     return sizes
 
@@ -111,15 +113,17 @@ def format_table(results: list[Result]) -> str:
 
 
 def main(argv=None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1024x256,4096x1024"),
                         help="comma-separated TxD list (default: %(default)s)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    parser.add_argument("--top-k", type=int, default=2, help="rows per token, R = T * top_k")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--peak-gbps", type=float, default=None,
+    parser.add_argument("--top-k", type=cli.integer(1), default=2,
+                        help="rows per token, R = T * top_k")
+    parser.add_argument("--repeats", type=cli.integer(1), default=5)
+    parser.add_argument("--peak-gbps", type=cli.real(0, strict=True), default=None,
                         help="device memory bandwidth in GB/s, for the %% of peak column (GPU)")
-    parser.add_argument("--json", type=pathlib.Path, default=None, help="also write results here")
+    parser.add_argument("--json", type=cli.output_file, default=None,
+                        help="also write results here")
     args = parser.parse_args(argv)
 
     backend = jax.default_backend()
@@ -141,7 +145,7 @@ def main(argv=None) -> list[Result]:
         payload = {"backend": backend, "device": jax.devices()[0].device_kind,
                    "pallas_interpret": interpret,
                    "results": [dataclasses.asdict(r) for r in results]}
-        args.json.write_text(json.dumps(payload, indent=2))
+        pathlib.Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
     return results
 

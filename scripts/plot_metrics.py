@@ -8,9 +8,11 @@ Needs matplotlib (the optional `plot` extra: pip install "hiermoe-jax[plot]").
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
+from hiermoe_jax import cli
 from models.metrics import read_metrics
 
 
@@ -30,12 +32,12 @@ def series(records, key):
   return steps, values
 
 
-def plot(run_dir: pathlib.Path, out_dir: pathlib.Path) -> list[pathlib.Path]:
+def plot(run_dir: pathlib.Path, out_dir: pathlib.Path, records=None) -> list[pathlib.Path]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  records = read_metrics(run_dir)
+  records = read_metrics(run_dir) if records is None else records
   out_dir.mkdir(parents=True, exist_ok=True)
   figures = {
       "loss": [("loss", "train loss"), ("eval_loss", "eval loss")],
@@ -62,13 +64,18 @@ def plot(run_dir: pathlib.Path, out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("run_dir", type=pathlib.Path)
-  p.add_argument("--out", type=pathlib.Path, help="output directory (default RUN_DIR/plots)")
+  p.add_argument("--out", type=cli.output_dir, help="output directory (default RUN_DIR/plots)")
   args = p.parse_args(argv)
-  if not (args.run_dir / "metrics.jsonl").exists():
+  if not (args.run_dir / "metrics.jsonl").is_file():
     print(f"error: {args.run_dir / 'metrics.jsonl'} does not exist", file=sys.stderr)
+    return 2
+  try:
+    records = read_metrics(args.run_dir)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    print(f"error: {args.run_dir / 'metrics.jsonl'} is not JSON lines ({e})", file=sys.stderr)
     return 2
   try:
     import matplotlib  # noqa: F401
@@ -76,7 +83,8 @@ def main(argv=None) -> int:
     print("error: plotting needs matplotlib, which is not installed; "
           'pip install "hiermoe-jax[plot]" (or pip install matplotlib)', file=sys.stderr)
     return 3
-  for path in plot(args.run_dir, args.out or args.run_dir / "plots"):
+  out = pathlib.Path(args.out) if args.out else args.run_dir / "plots"
+  for path in plot(args.run_dir, out, records):
     print(path)
   return 0
 

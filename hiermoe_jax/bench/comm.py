@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 import numpy as np
 
+from hiermoe_jax import cli, cost, synthetic, traffic
 from hiermoe_jax import config as config_lib
-from hiermoe_jax import cost, synthetic, traffic
-from hiermoe_jax.config import STRATEGIES
+from hiermoe_jax.config import STRATEGIES, ConfigError
 from hiermoe_jax.dispatch import auto
 from hiermoe_jax.mesh import MeshShape
 
@@ -30,32 +32,13 @@ BASELINES = ("gspmd",)  # timed mode only: XLA-partitioned dense dispatch
 DEFAULT_MESH = (2, 4)
 
 
-def parse_mesh(text: str) -> tuple[int, int]:
-  try:
-    nodes, local = (int(v) for v in text.lower().split("x"))
-  except ValueError:
-    nodes = local = 0
-  if nodes < 1 or local < 1:
-    raise argparse.ArgumentTypeError(f"--mesh {text!r} is invalid: use NxG, e.g. 4x8")
-  return nodes, local
-
-
-def positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be an integer >= 1")
-  return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  positive_int = cli.integer(1)
+  p = cli.ArgumentParser(description=__doc__.split("\n")[0],
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--analytic", action="store_true",
                  help="count traffic on the host; run no collectives")
-  p.add_argument("--mesh", type=parse_mesh, default=None,
+  p.add_argument("--mesh", type=cli.mesh_shape, default=None,
                  help="NxG: nodes x local devices (analytic default 2x4; timed default: "
                       "processes x local devices; NxG only in a single process)")
   p.add_argument("--experts", type=positive_int, default=64)
@@ -63,73 +46,104 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tokens", type=positive_int, default=2048, help="tokens per device")
   p.add_argument("--hidden", type=positive_int, default=1024, help="model dim D")
   p.add_argument("--routing", default="uniform", help="uniform | zipf:ALPHA | file:PATH.npy")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--capacity-factor", type=float, default=None,
+  p.add_argument("--seed", type=cli.seed, default=0)
+  p.add_argument("--capacity-factor", type=cli.real(0, strict=True), default=None,
                  help="MoEConfig.capacity_factor; omit for dropless buffers")
   p.add_argument("--bytes-per-elem", type=positive_int, default=4,
                  help="analytic only; timed mode uses the size of --dtype")
   p.add_argument("--strategies", default=",".join(STRATEGIES),
                  help=f"any of {list(STRATEGIES)}; timed mode also {list(BASELINES)}")
-  p.add_argument("--json", default=None, help="write JSON here ('-' for stdout)")
+  p.add_argument("--json", type=cli.output_file, default=None,
+                 help="write JSON here ('-' for stdout)")
   timed = p.add_argument_group("timed mode")
   timed.add_argument("--repeats", type=positive_int, default=5)
-  timed.add_argument("--warmup", type=int, default=2, help="untimed calls per strategy")
+  timed.add_argument("--warmup", type=cli.integer(0), default=2,
+                     help="untimed calls per strategy")
   timed.add_argument("--backward", action="store_true", help="also time the VJP")
   timed.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   timed.add_argument("--profile", default="default",
                      help="cost profile for predicted_ms: a shipped name or a JSON path")
   timed.add_argument("--gspmd-group", type=positive_int, default=256,
                      help="gspmd baseline: tokens per dispatch group (GShard's S)")
-  timed.add_argument("--fit-profile", default=None, metavar="OUT.json",
+  timed.add_argument("--fit-profile", type=cli.output_file, default=None, metavar="OUT.json",
                      help="fit alpha/beta per stage kind on this mesh, write the profile, "
                           "and predict with it")
   timed.add_argument("--fit-only", action="store_true", help="with --fit-profile: skip the "
                      "strategy benchmark")
-  timed.add_argument("--fit-max-mb", type=float, default=None,
+  timed.add_argument("--fit-max-mb", type=cli.real(0, strict=True), default=None,
                      help="largest fitted message (MB per stage); default: the largest "
                           "stage of the benchmarked strategies")
-  timed.add_argument("--fit-points", type=positive_int, default=6)
+  timed.add_argument("--fit-points", type=cli.integer(2), default=6,
+                     help="message sizes per stage kind (a line needs >= 2)")
   return p
 
 
 def check_mesh(p: argparse.ArgumentParser, args, nodes: int, local: int) -> None:
   if args.experts % (nodes * local):
-    p.error(f"--experts {args.experts} must be a multiple of the {nodes * local} devices of "
-            f"--mesh {nodes}x{local}")
+    p.error(f"--experts={args.experts} is invalid: must be a multiple of the {nodes * local} "
+            f"devices of --mesh {nodes}x{local}")
+
+
+def check_routing(p: argparse.ArgumentParser, spec: str, tokens: int, top_k: int) -> None:
+  """--routing parses; a file: routing is a readable [N*G, T, K] integer array."""
+  try:
+    kind, arg = synthetic.parse_routing(spec)
+  except ValueError as e:
+    p.error(str(e))
+  if kind == "zipf" and not math.isfinite(arg):
+    p.error(f"--routing={spec!r} is invalid: zipf needs a finite exponent >= 0, e.g. zipf:1.2")
+  if kind != "file":
+    return
+  if not os.path.isfile(arg):
+    p.error(f"--routing={spec!r} is invalid: file {arg!r} does not exist")
+  try:
+    ids = np.load(arg, mmap_mode="r")
+  except (OSError, EOFError, ValueError) as e:  # unreadable, empty, pickled, not .npy
+    p.error(f"--routing={spec!r} is invalid: {arg!r} is not a readable .npy array ({e})")
+  if ids.ndim != 3 or ids.shape[1:] != (tokens, top_k) or ids.dtype.kind not in "iu":
+    p.error(f"--routing={spec!r} is invalid: {arg!r} holds {ids.dtype}{list(ids.shape)}; "
+            f"expected integer ids of shape [N*G, --tokens={tokens}, --topk={top_k}]")
+
+
+def routing(spec: str, **kwargs):
+  """synthetic.routing; its ValueErrors are about the routing file (shape, ids)."""
+  try:
+    return synthetic.routing(spec, **kwargs)
+  except ValueError as e:
+    raise ConfigError(f"--routing={spec!r} is invalid: {e}") from None
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
   if args.topk > args.experts:
-    p.error(f"--topk {args.topk} must be <= --experts {args.experts}")
-  try:
-    synthetic.parse_routing(args.routing)
-  except ValueError as e:
-    p.error(str(e))
+    p.error(f"--topk={args.topk} is invalid: must be <= --experts={args.experts}")
+  check_routing(p, args.routing, args.tokens, args.topk)
   valid = config_lib.DISPATCH if args.analytic else config_lib.DISPATCH + BASELINES
   names = args.strategies.split(",")
   bad = [s for s in names if s not in valid]
   if bad:
-    p.error(f"--strategies: {bad[0]!r} is not one of {list(valid)}")
+    p.error(f"--strategies={args.strategies!r} is invalid: {bad[0]!r} is not one of "
+            f"{list(valid)}")
+  if len(set(names)) < len(names):
+    p.error(f"--strategies={args.strategies!r} is invalid: each strategy may appear once")
   if args.analytic and (args.fit_profile or args.backward):
     p.error("--fit-profile and --backward need the timed mode (omit --analytic)")
   if args.fit_only and not args.fit_profile:
     p.error("--fit-only needs --fit-profile OUT.json")
   if args.tokens % min(args.gspmd_group, args.tokens) and "gspmd" in names:
-    p.error(f"--gspmd-group {args.gspmd_group} must divide --tokens {args.tokens}")
-  if not args.analytic and args.profile and not args.fit_profile:
+    p.error(f"--gspmd-group={args.gspmd_group} is invalid: must divide --tokens={args.tokens}")
+  uses_profile = "auto" in names if args.analytic else not args.fit_profile
+  if uses_profile:
     try:
       cost.load_profile(args.profile)
-    except ValueError as e:
-      p.error(f"--profile: {e}")
-  if args.capacity_factor is not None and not args.capacity_factor > 0:
-    p.error(f"--capacity-factor {args.capacity_factor} must be > 0")
+    except ConfigError as e:
+      p.error(f"--profile={args.profile!r} is invalid: {e}")
 
 
 def analytic(args, ids=None) -> dict:
   nodes, local = args.mesh
   if ids is None:
-    ids = synthetic.routing(args.routing, devices=nodes * local, tokens=args.tokens,
-                            num_experts=args.experts, top_k=args.topk, seed=args.seed)
+    ids = routing(args.routing, devices=nodes * local, tokens=args.tokens,
+                  num_experts=args.experts, top_k=args.topk, seed=args.seed)
   names = args.strategies.split(",")
   known = list(STRATEGIES) if "auto" in names else [n for n in names if n in STRATEGIES]
   per = traffic.stats(ids, mesh_shape=(nodes, local), num_experts=args.experts,
@@ -214,13 +228,13 @@ def timed(args) -> dict | None:
   leader = timed_lib.is_leader()
   args.mesh = (shape.nodes, shape.local)
   if args.experts % shape.devices:
-    raise ValueError(f"--experts {args.experts} must be a multiple of the {shape.devices} "
-                     f"devices of the {shape.nodes}x{shape.local} mesh")
+    raise ConfigError(f"--experts={args.experts} is invalid: must be a multiple of the "
+                      f"{shape.devices} devices of the {shape.nodes}x{shape.local} mesh")
   bpe = 2 if args.dtype == "bfloat16" else 4
   args.bytes_per_elem = bpe
   names = args.strategies.split(",")
-  ids = synthetic.routing(args.routing, devices=shape.devices, tokens=args.tokens,
-                          num_experts=args.experts, top_k=args.topk, seed=args.seed)
+  ids = routing(args.routing, devices=shape.devices, tokens=args.tokens,
+                num_experts=args.experts, top_k=args.topk, seed=args.seed)
   report = analytic(args, ids)
   report["config"].update(mode="timed", dtype=args.dtype, repeats=args.repeats,
                           warmup=args.warmup, backward=args.backward,
@@ -312,7 +326,7 @@ def main(argv=None) -> int:
     check_mesh(parser, args, *args.mesh)
   try:
     report = timed(args)
-  except ValueError as e:
+  except ConfigError as e:  # bad input found once the mesh is known; not a bug
     parser.error(str(e))
   if report is None:  # not rank 0
     return 0

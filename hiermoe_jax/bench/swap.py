@@ -28,7 +28,8 @@ import sys
 
 import numpy as np
 
-from hiermoe_jax import synthetic
+from hiermoe_jax import cli, synthetic
+from hiermoe_jax.config import ConfigError
 
 STRATEGY = "hier_dedup"
 
@@ -66,18 +67,21 @@ def max_over_mean_rows(ids_DTK: np.ndarray, placement: np.ndarray, devices: int)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from hiermoe_jax.bench.comm import parse_mesh, positive_int
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--mesh", type=parse_mesh, help="NxG in one process (omit under launch.py)")
+  positive_int = cli.integer(1)
+  p = cli.ArgumentParser(description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--mesh", type=cli.mesh_shape,
+                 help="NxG in one process (omit under launch.py)")
   p.add_argument("--experts", type=positive_int, default=64)
   p.add_argument("--topk", type=positive_int, default=8)
   p.add_argument("--tokens", type=positive_int, default=512, help="tokens per device")
   p.add_argument("--hidden", type=positive_int, default=512, help="d_model")
   p.add_argument("--ffn", type=positive_int, help="expert d_ff (migrated bytes; default hidden)")
   p.add_argument("--routing", default="zipf:1.2", help="zipf:ALPHA (popularity exponent)")
-  p.add_argument("--affinity", type=float, default=3.0, help="co-selection log-weight bonus")
-  p.add_argument("--drift", type=float, default=0.05, help="popularity random walk per step")
+  p.add_argument("--affinity", type=cli.real(0), default=3.0,
+                 help="co-selection log-weight bonus")
+  p.add_argument("--drift", type=cli.real(0), default=0.05,
+                 help="popularity random walk per step")
   p.add_argument("--steps", type=positive_int, default=20, help="observed steps")
   p.add_argument("--swap-interval", type=positive_int, default=4)
   p.add_argument("--window", type=positive_int, help="observed steps per decision "
@@ -87,10 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-migration-cost", action="store_true",
                  help="price migration at 0 (bounds the achievable gain)")
   p.add_argument("--repeats", type=positive_int, default=20)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--json", help="write the report here")
+  p.add_argument("--warmup", type=cli.integer(0), default=3)
+  p.add_argument("--seed", type=cli.seed, default=0)
+  p.add_argument("--json", type=cli.output_file, help="write the report here")
   return p
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+  """Everything checkable before JAX starts; the mesh-dependent rest raises ConfigError."""
+  from hiermoe_jax import cost
+  if args.topk > args.experts:
+    p.error(f"--topk={args.topk} is invalid: must be <= --experts={args.experts}")
+  try:
+    kind, alpha = synthetic.parse_routing(args.routing)
+  except ValueError as e:
+    p.error(str(e))
+  if kind != "zipf" or not np.isfinite(alpha):
+    p.error(f"--routing={args.routing!r} is invalid: bench_swap needs zipf:ALPHA with a "
+            "finite ALPHA >= 0, e.g. zipf:1.2")
+  try:
+    cost.load_profile(args.profile)
+  except ConfigError as e:
+    p.error(f"--profile={args.profile!r} is invalid: {e}")
 
 
 def run(args) -> dict | None:
@@ -105,12 +127,10 @@ def run(args) -> dict | None:
   from hiermoe_jax.swap import SearchConfig, SwapController
 
   shape = MeshShape.of(mesh)
-  kind, alpha = synthetic.parse_routing(args.routing)
-  if kind != "zipf":
-    raise ValueError(f"--routing {args.routing!r}: bench_swap needs zipf:ALPHA")
+  _, alpha = synthetic.parse_routing(args.routing)  # zipf: checked by check_args
   if args.experts % shape.devices:
-    raise ValueError(f"--experts {args.experts} must be a multiple of the {shape.devices} "
-                     f"devices of the {shape.nodes}x{shape.local} mesh")
+    raise ConfigError(f"--experts={args.experts} is invalid: must be a multiple of the "
+                      f"{shape.devices} devices of the {shape.nodes}x{shape.local} mesh")
   ffn = args.ffn or args.hidden
   steps = drifting_routing(devices=shape.devices, tokens=args.tokens, num_experts=args.experts,
                            top_k=args.topk, alpha=alpha, steps=args.steps + 1, seed=args.seed,
@@ -180,8 +200,13 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  report = run(args)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  check_args(parser, args)
+  try:
+    report = run(args)
+  except ConfigError as e:  # bad input found once the mesh is known; not a bug
+    parser.error(str(e))
   if report is not None:
     print(table(report))
     if args.json:

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from hiermoe_jax import cost, distributed, traffic
+from hiermoe_jax.config import ConfigError
 from hiermoe_jax.dispatch import exchange, get_strategy
 from hiermoe_jax.mesh import AXES, LOCAL, NODE, MeshShape
 
@@ -53,14 +54,16 @@ def start(mesh_arg: tuple[int, int] | None):
   if mesh_arg is None or jax.process_count() > 1:
     if mesh_arg is not None and tuple(mesh_arg) != (jax.process_count(),
                                                     jax.local_device_count()):
-      raise ValueError(f"--mesh {mesh_arg[0]}x{mesh_arg[1]} is invalid in a "
-                       f"{jax.process_count()}-process run: the mesh is processes x local "
-                       f"devices = {jax.process_count()}x{jax.local_device_count()}; omit --mesh")
+      raise ConfigError(f"--mesh={mesh_arg[0]}x{mesh_arg[1]} is invalid in a "
+                        f"{jax.process_count()}-process run: the mesh is processes x local "
+                        f"devices = {jax.process_count()}x{jax.local_device_count()}; "
+                        "omit --mesh")
     return make_mesh()
   nodes, local = mesh_arg
   if jax.device_count() < nodes * local:
-    raise ValueError(f"--mesh {nodes}x{local} needs {nodes * local} devices; JAX has "
-                     f"{jax.device_count()} (set XLA_FLAGS={_DEVICE_COUNT_FLAG}=N before start)")
+    raise ConfigError(f"--mesh={nodes}x{local} is invalid: it needs {nodes * local} devices; "
+                      f"JAX has {jax.device_count()} (set XLA_FLAGS={_DEVICE_COUNT_FLAG}=N "
+                      "before start)")
   return make_mesh(nodes, local, devices=jax.devices()[: nodes * local])
 
 
@@ -319,6 +322,12 @@ def stage_step(mesh, kind: str) -> Callable:
                                out_specs=spec))
 
 
+def _fit_rows(max_bytes: int, points: int, group: int, d_model: int, bpe: int) -> list[int]:
+  """Distinct rows per peer of the fitted sizes: geometric up to max_bytes per stage."""
+  targets = (max_bytes / 2 ** (points - 1 - i) for i in range(points))
+  return sorted({max(1, int(round(t / (group * d_model * bpe)))) for t in targets})
+
+
 def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
                 repeats: int, warmup: int, name: str = "") -> tuple[cost.CostProfile, dict]:
   """Sweeps message sizes per stage kind, fits alpha/beta; returns (profile, details).
@@ -328,15 +337,22 @@ def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
   """
   shape = MeshShape.of(mesh)
   bpe = 2 if dtype == "bfloat16" else 4
+  rows_by_kind = {kind: _fit_rows(max_bytes, points, cost.group_size(kind, shape), d_model, bpe)
+                  for kind in cost.STAGE_KINDS
+                  if cost.group_size(kind, shape) > 1}  # no stage over one device (inter on 1xG)
+  if not rows_by_kind:
+    raise ConfigError(f"fit_profile: mesh {shape.nodes}x{shape.local} is invalid: a profile "
+                      "is fitted on all-to-alls, which need >= 2 devices")
+  for kind, rows_list in rows_by_kind.items():
+    if len(rows_list) < 2:  # a line needs two sizes; say so before timing anything
+      raise ConfigError(f"fit_profile: max_bytes={max_bytes} is invalid: {kind} stages "
+                        f"({cost.group_size(kind, shape)} peers, D={d_model}) get one message "
+                        "size only; use a larger --fit-max-mb")
   rng = np.random.default_rng(0)
   steps, meta = {}, {}
-  for kind in cost.STAGE_KINDS:
+  for kind, rows_list in rows_by_kind.items():
     group = cost.group_size(kind, shape)
-    if group == 1:
-      continue  # no such stage on this mesh (e.g. inter on 1xG)
-    for i in range(points):
-      target = max_bytes / 2 ** (points - 1 - i)
-      rows = max(1, int(round(target / (group * d_model * bpe))))
+    for rows in rows_list:
       per_device = group * rows
       buf = rng.standard_normal((shape.devices * per_device, d_model), dtype=np.float32)
       if dtype == "bfloat16":
