@@ -1,14 +1,20 @@
 """Runs N copies of a command as the processes of one multi-process JAX job.
 
   python scripts/launch.py --processes N --local-devices G \\
-      [--inter-node-rate 1gbit] [--port P] [--timeout S] -- COMMAND ...
+      [--inter-node-rate 1gbit] [--port P] [--timeout S] [--dead-host-timeout S] \\
+      [--keep-going] -- COMMAND ...
 
 Each child gets the variables `hiermoe_jax.distributed.initialize()` reads
-(coordinator address, process count, its process id) and
+(coordinator address, process count, its process id, and with
+`--dead-host-timeout` the bound on noticing a dead peer) and
 XLA_FLAGS=--xla_force_host_platform_device_count=G (replacing any count inherited
 from this process). Output lines are prefixed with `[rank]`. When a child fails
 the others are stopped and the launcher exits with that child's code; at the
-timeout everything is stopped and it exits with 124. With `--inter-node-rate`,
+timeout everything is stopped and it exits with 124. With `--keep-going` a
+failure stops nobody: the launcher waits for every child, reports each failure and
+exits with the first one's code. The survivors then end on their own, as on a
+cluster with no launcher to stop them (`hiermoe_jax.distributed`'s watchdog);
+that is what `--keep-going` is for. With `--inter-node-rate`,
 each child is a node in its own network namespace behind a shaped link
 (`hiermoe_jax.netns`); the namespaces are removed on every exit path.
 """
@@ -83,7 +89,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="coordinator port (default: a free port; 29500 with namespaces)")
   parser.add_argument("--timeout", type=float, default=None,
                       help="stop everything and exit 124 after this many seconds")
+  parser.add_argument("--dead-host-timeout", type=int, default=None, metavar="S",
+                      help="a process whose peer stops responding exits after S seconds "
+                           f"(sets {distributed.DEAD_HOST_TIMEOUT}; default "
+                           f"{distributed.DEFAULT_DEAD_HOST_TIMEOUT})")
+  parser.add_argument("--keep-going", action="store_true",
+                      help="when a child fails, let the others run until they exit on "
+                           "their own (default: stop them)")
   if "--" not in argv:
+    if "-h" in argv or "--help" in argv:
+      parser.parse_args(argv)  # prints the help and exits
     parser.error("the command to run must follow `--`")
   split = argv.index("--")
   args = parser.parse_args(argv[:split])
@@ -95,6 +110,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
       parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: must be >= 1")
   if args.timeout is not None and args.timeout <= 0:
     parser.error(f"--timeout={args.timeout} is invalid: must be > 0 seconds")
+  if args.dead_host_timeout is not None and args.dead_host_timeout < 1:
+    parser.error(f"--dead-host-timeout={args.dead_host_timeout} is invalid: "
+                 "must be >= 1 seconds")
   if args.inter_node_rate is not None:
     try:
       netns.rate_bits_per_second(args.inter_node_rate)
@@ -110,14 +128,17 @@ def _free_port() -> int:
 
 
 def child_env(base: dict[str, str], *, coordinator: str, processes: int, rank: int,
-              local_devices: int) -> dict[str, str]:
-  """The environment of child `rank`: base + launcher variables + device count."""
+              local_devices: int, dead_host_timeout: int | None = None) -> dict[str, str]:
+  """The environment of child `rank`: base + launcher variables + device count
+  (+ the dead-host bound, if given; else an inherited one stays)."""
   env = dict(base)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
   env["XLA_FLAGS"] = " ".join(flags + [f"{_DEVICE_COUNT_FLAG}={local_devices}"])
   env[distributed.COORDINATOR] = coordinator
   env[distributed.NUM_PROCESSES] = str(processes)
   env[distributed.PROCESS_ID] = str(rank)
+  if dead_host_timeout is not None:
+    env[distributed.DEAD_HOST_TIMEOUT] = str(dead_host_timeout)
   env["PYTHONUNBUFFERED"] = "1"
   return env
 
@@ -170,21 +191,28 @@ def _exit_code(returncode: int) -> int:
   return 128 - returncode if returncode < 0 else returncode
 
 
-def _supervise(procs: list[subprocess.Popen], timeout: float | None) -> int:
+def _supervise(procs: list[subprocess.Popen], timeout: float | None,
+               keep_going: bool = False) -> int:
   deadline = None if timeout is None else time.monotonic() + timeout
+  failures: list[int] = []  # exit codes, in the order seen
+  reported: set[int] = set()
   while True:
     codes = [p.poll() for p in procs]
-    failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-    if failed:
-      rank, code = failed[0]
-      running = [r for r, c in enumerate(codes) if c is None]
+    running = [r for r, c in enumerate(codes) if c is None]
+    for rank, code in enumerate(codes):
+      if code in (None, 0) or rank in reported:
+        continue
+      reported.add(rank)
+      failures.append(code)
+      if not keep_going:
+        _say(f"rank {rank} exited with code {code}"
+             + (f"; stopping ranks {running}" if running else ""))
+        return _exit_code(code)
       _say(f"rank {rank} exited with code {code}"
-           + (f"; stopping ranks {running}" if running else ""))
-      return _exit_code(code)
-    if all(c == 0 for c in codes):
-      return 0
+           + (f"; ranks {running} keep going (--keep-going)" if running else ""))
+    if not running:
+      return _exit_code(failures[0]) if failures else 0
     if deadline is not None and time.monotonic() > deadline:
-      running = [r for r, c in enumerate(codes) if c is None]
       _say(f"timed out after {timeout:g} s (--timeout); stopping ranks {running}")
       return TIMEOUT_EXIT
     time.sleep(0.05)
@@ -205,7 +233,8 @@ def launch(args: argparse.Namespace) -> int:
       host, port = "127.0.0.1", args.port or _free_port()
     for rank in range(args.processes):
       env = child_env(os.environ, coordinator=f"{host}:{port}", processes=args.processes,
-                      rank=rank, local_devices=args.local_devices)
+                      rank=rank, local_devices=args.local_devices,
+                      dead_host_timeout=args.dead_host_timeout)
       prefix = cluster.exec_prefix(rank) if cluster else []
       with _signals_deferred():  # a child started but not recorded would leak
         procs.append(subprocess.Popen(prefix + args.command, env=env, stdin=subprocess.DEVNULL,
@@ -213,7 +242,7 @@ def launch(args: argparse.Namespace) -> int:
                                       start_new_session=True))
       pumps += [_Prefixer(rank, procs[-1].stdout, sys.stdout.buffer),
                 _Prefixer(rank, procs[-1].stderr, sys.stderr.buffer)]
-    return _supervise(procs, args.timeout)
+    return _supervise(procs, args.timeout, args.keep_going)
   except KeyboardInterrupt:
     _say("interrupted; stopping all ranks")
     return 130

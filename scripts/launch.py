@@ -1,7 +1,7 @@
 """Runs a command as N processes of one multi-process JAX job (see hiermoe_jax.launcher).
 
   python scripts/launch.py --processes 2 --local-devices 4 [--inter-node-rate 1gbit] \
-      [--port P] [--timeout S] -- python my_script.py
+      [--port P] [--timeout S] [--dead-host-timeout S] [--keep-going] -- python my_script.py
 """
 
 import sys

@@ -1,4 +1,5 @@
-"""scripts/launch.py: environment, output prefixes, failure, timeout, clean-up.
+"""scripts/launch.py: environment, output prefixes, failure, --keep-going, timeout,
+clean-up. (tests/test_dead_host.py runs JAX processes under --keep-going.)
 
 The children are tiny `sh` scripts (no JAX), so each launch takes about as long as
 the launcher's own start-up. The namespace variants need root and iproute2.
@@ -97,6 +98,16 @@ def test_failing_rank_stops_the_others():
   assert not [p for p in pids if alive(p)]
 
 
+def test_keep_going_lets_the_others_finish():
+  script = ('if [ "$HIERMOE_PROCESS_ID" = 1 ]; then exit 3; fi; sleep 1; '
+            'echo "done with $HIERMOE_DEAD_HOST_TIMEOUT"')
+  code, out, err = finish(start("--processes", "3", "--local-devices", "1", "--keep-going",
+                                "--dead-host-timeout", "7", script=script))
+  assert code == 3, err
+  assert "rank 1 exited with code 3; ranks [0, 2] keep going (--keep-going)" in err
+  assert sorted(out.splitlines()) == ["[0] done with 7", "[2] done with 7"]
+
+
 def test_timeout_stops_everything():
   code, out, err = finish(start("--processes", "2", "--local-devices", "1", "--timeout", "2",
                                 script=HANG))
@@ -111,6 +122,8 @@ def test_bad_arguments_are_rejected_with_a_message(capsys):
       (["--processes", "0", "--local-devices", "1", "--", "true"], "--processes=0 is invalid"),
       (["--processes", "2", "--local-devices", "1", "--inter-node-rate", "fast", "--", "true"],
        "inter-node rate 'fast' is invalid"),
+      (["--processes", "2", "--local-devices", "1", "--dead-host-timeout", "0", "--", "true"],
+       "--dead-host-timeout=0 is invalid"),
   ]:
     with pytest.raises(SystemExit) as exc:
       launcher.parse_args(argv)

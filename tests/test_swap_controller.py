@@ -3,6 +3,8 @@ and a training loop driven by it that follows the trajectory without swaps."""
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 import hiermoe_jax as hm
 from hiermoe_jax import cost, synthetic
+from hiermoe_jax import mesh as mesh_lib
 from hiermoe_jax.mesh import MeshShape
 from hiermoe_jax.swap import SearchConfig, SwapController, experts_under, search
 from tests.helpers import mesh_of
@@ -144,6 +147,93 @@ def test_training_with_controller_matches_training_without():
   swapped, events, placement = train(SwapController(search_config(), mesh, swap_interval=2))
   assert events and not np.array_equal(placement, np.arange(E))
   np.testing.assert_allclose(swapped, plain, rtol=1e-5)
+
+
+def layer_outputs(params, placements, x):
+  """Each layer's MoE output on x under its placement (the logical function)."""
+  return [np.asarray(hm.moe_apply(params["blocks"][i]["ffn"]["params"], x, config=moe_config(),
+                                  mesh=mesh_of("2x4"), placement=jnp.asarray(placements[i]))[0])
+          for i in range(2)]
+
+
+def test_swaps_are_all_or_nothing(monkeypatch):
+  """Issue #8: a migration that fails leaves params, optimizer state and placements
+  as they were, and usable; a successful one moves both layers together and keeps
+  the function each layer computes (placement and weights stay a consistent pair)."""
+  from hiermoe_jax.swap.controller import SwapError
+  migrate_lib = importlib.import_module("hiermoe_jax.swap.migrate")  # swap.migrate: the function
+
+  mesh = mesh_of("2x4")
+  controller = SwapController(search_config(), mesh, swap_interval=1,
+                              expert_path=lambda layer: ("blocks", layer, "ffn"))
+  for layer in range(2):
+    controller.observe(layer, skewed_ids(20 + layer))
+  params, opt_state = two_layer_state(mesh)
+  ident = np.arange(E, dtype=np.int32)
+  placements = {0: ident, 1: ident.copy()}
+  x = jax.random.normal(jax.random.key(9), (8 * T, moe_config().d_model))
+  before, y_before = host((params, opt_state)), layer_outputs(params, placements, x)
+
+  def boom(*args, **kwargs):
+    raise RuntimeError("injected")
+
+  calls = {"plan_moves": 0}
+  real_plan_moves, real_device_migrate = migrate_lib.plan_moves, migrate_lib._device_migrate
+
+  def plan_layer_1_fails(*args):  # layer 0 is planned fine, layer 1 fails
+    calls["plan_moves"] += 1
+    return boom() if calls["plan_moves"] == 2 else real_plan_moves(*args)
+
+  def intact():
+    for leaf in jax.tree_util.tree_leaves((params, opt_state)):
+      assert not leaf.is_deleted()
+    for got, want in zip(jax.tree_util.tree_leaves((params, opt_state)),
+                         jax.tree_util.tree_leaves(before)):
+      np.testing.assert_array_equal(np.asarray(got), want)
+    assert all(np.array_equal(p, ident) for p in placements.values())
+
+  # On the host (layer 1's move plan) and while tracing the migration program.
+  for name, patch in [("plan_moves", plan_layer_1_fails), ("_device_migrate", boom)]:
+    with monkeypatch.context() as m:
+      m.setattr(migrate_lib, name, patch)
+      migrate_lib._migrate_fn.cache_clear()
+      migrate_lib._jitted.cache_clear()
+      with pytest.raises(SwapError, match="before any expert moved .*RuntimeError: injected"):
+        controller.maybe_swap(1, (params, opt_state), placements)
+    intact()
+  migrate_lib._migrate_fn.cache_clear()
+  migrate_lib._jitted.cache_clear()
+  assert controller.swaps == 0
+
+  (new_params, new_opt), new_placements, events = controller.maybe_swap(
+      1, (params, opt_state), placements)
+  assert sorted(e["layer"] for e in events) == [0, 1]
+  assert all(not np.array_equal(new_placements[i], ident) for i in range(2))
+  for got, want in zip(layer_outputs(new_params, new_placements, x), y_before):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+  # A failure of the running program consumes the donated leaves, and says so.
+  def fails_when_run(leaves, *, plan):  # pure_callback: no effect token left failing
+    zero = jax.pure_callback(boom, jax.ShapeDtypeStruct((), leaves[0].dtype))
+    return real_device_migrate([leaves[0] + zero, *leaves[1:]], plan=plan)
+
+  controller.observe(0, skewed_ids(30))
+  controller.observe(1, skewed_ids(31))
+  with monkeypatch.context() as m:
+    m.setattr(migrate_lib, "_device_migrate", fails_when_run)
+    migrate_lib._migrate_fn.cache_clear()
+    migrate_lib._jitted.cache_clear()
+    with pytest.raises(SwapError, match="experts .*consumed: resume from the last checkpoint"):
+      controller.maybe_swap(2, (new_params, new_opt), new_placements)
+  migrate_lib._migrate_fn.cache_clear()
+  migrate_lib._jitted.cache_clear()
+  # JAX keeps each device's last host-callback token and re-raises a failed one at
+  # every effects barrier (and at exit): replace them with a good one on every device.
+  def good(v):
+    return v + jax.pure_callback(lambda: np.float32(0), jax.ShapeDtypeStruct((), jnp.float32))
+  on_every_device = mesh_lib.named(mesh, mesh_lib.sharded_rows(1))
+  jax.jit(good)(jax.device_put(np.zeros(8, np.float32), on_every_device)).block_until_ready()
+  jax.effects_barrier()
 
 
 def test_rejects_bad_arguments():

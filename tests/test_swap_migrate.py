@@ -189,3 +189,13 @@ def test_training_with_swaps_every_step_matches_training_without():
   np.testing.assert_allclose(swap_losses, plain_losses, rtol=1e-5)
   for name in plain_experts:
     np.testing.assert_allclose(swap_experts[name], plain_experts[name], rtol=1e-5, atol=1e-6)
+
+
+def test_migrate_many_rejects_a_leaf_selected_twice_before_moving_anything():
+  from hiermoe_jax.swap.migrate import migrate_many
+  mesh = mesh_of("2x4")
+  params = hm.init_params(jax.random.key(9), small_config(), mesh)
+  old, new = placements(10)
+  with pytest.raises(ValueError, match=r"\['experts'\]\['down'\] is selected by moves 0 and 1"):
+    migrate_many(params, [(old, new, None), (new, old, None)], mesh)
+  assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(params))

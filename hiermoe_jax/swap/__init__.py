@@ -13,9 +13,9 @@ The names `search` and `migrate` here are the functions; import helpers from the
 modules directly (`from hiermoe_jax.swap.search import stage_loads`).
 """
 
-from hiermoe_jax.swap.controller import SwapController, experts_under
-from hiermoe_jax.swap.migrate import expert_leaf, migrate, plan_moves
+from hiermoe_jax.swap.controller import SwapController, SwapError, experts_under
+from hiermoe_jax.swap.migrate import expert_leaf, migrate, migrate_many, plan_moves
 from hiermoe_jax.swap.search import SearchConfig, SwapPlan, search
 
-__all__ = ["SearchConfig", "SwapController", "SwapPlan", "expert_leaf", "experts_under",
-           "migrate", "plan_moves", "search"]
+__all__ = ["SearchConfig", "SwapController", "SwapError", "SwapPlan", "expert_leaf",
+           "experts_under", "migrate", "migrate_many", "plan_moves", "search"]

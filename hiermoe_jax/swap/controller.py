@@ -14,9 +14,20 @@ order). Ids are logical, so a swap does not invalidate the window: every decisio
 re-evaluates it under the current placement. The window is exact (no EMA).
 
 Every `swap_interval` steps, each layer with observations gets one `search` on
-its window concatenated along T; if the plan changes the placement, `migrate`
-moves that layer's expert leaves - in the parameters AND the optimizer state,
-passed together as one `tree` - and the placement is updated.
+its window concatenated along T; the layers whose plan changes the placement then
+move together in one `migrate_many` - their expert leaves in the parameters AND
+the optimizer state, passed together as one `tree` - and their placements are
+updated.
+
+All or nothing: `maybe_swap` returns either the old tree and placements (no
+decision, or nothing pays) or the new tree with every new placement. Everything
+that can fail on the host (searches, leaf selection, checks, tracing, compiling)
+runs before the one migration program consumes any input, so such a failure
+raises `SwapError` with the caller's tree and placements intact and usable (the
+controller never mutates them). Only a failure of the running program (a dead
+peer, a device error) consumes the donated expert leaves; `SwapError` then says so
+and the run must resume from its last checkpoint. A checkpoint taken between calls
+therefore never mixes placements and weights.
 
 Multi-process: observed ids may be token-sharded global arrays (e.g.
 `MoEAux.topk_ids` straight out of a jitted step). At a decision the controller
@@ -40,8 +51,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from hiermoe_jax.mesh import MeshShape
-from hiermoe_jax.swap.migrate import EXPERTS_KEY, migrate
+from hiermoe_jax.swap.migrate import EXPERTS_KEY, migrate_many
 from hiermoe_jax.swap.search import SearchConfig, SwapPlan, search
+
+
+class SwapError(RuntimeError):
+  """A decided migration failed; the message says whether the tree is intact."""
 
 
 def _key(entry) -> Any:
@@ -151,31 +166,55 @@ class SwapController:
     placements: {layer: [E] slot -> logical expert} (host or device values).
     Returns (tree, placements as {layer: int32 numpy}, events), one event per
     layer whose placement changed: {"layer", "pairs", "predicted_gain_ms",
-    "bytes_moved", "time_s"} (time_s: search + migration wall time).
+    "bytes_moved", "time_s"} (time_s: the layer's search plus its share, by bytes,
+    of the one migration). All or nothing (module docstring); raises SwapError if
+    the migration fails.
     """
     placements = {layer: np.asarray(p).astype(np.int32) for layer, p in placements.items()}
-    events = []
     if not self.due(step):
-      return tree, placements, events
+      return tree, placements, []
+    changes = []  # (layer, plan, search seconds)
     for layer, placement in placements.items():
       t0 = time.perf_counter()
       plan = self.plan(layer, placement)
-      if plan is None or not plan.changed:
-        continue
-      select = experts_under(self.expert_path(layer), placement.shape[0])
-      if not any(select(path, leaf) for path, leaf in
-                 jax.tree_util.tree_flatten_with_path(tree)[0]):
+      if plan is not None and plan.changed:
+        changes.append((layer, plan, time.perf_counter() - t0))
+    if not changes:
+      return tree, placements, []
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    moves = []
+    for layer, plan, _ in changes:
+      select = experts_under(self.expert_path(layer), plan.placement.shape[0])
+      if not any(select(path, leaf) for path, leaf in flat):
         raise ValueError(f"layer {layer!r}: no expert leaf under path "
                          f"{self.expert_path(layer)!r} in the tree; check expert_path")
-      tree = migrate(tree, placement, plan.placement, self.mesh, is_expert_leaf=select)
-      jax.block_until_ready(tree)
+      moves.append((placements[layer], plan.placement, select))
+    t0 = time.perf_counter()
+    try:
+      new_tree = migrate_many(tree, moves, self.mesh)
+      jax.block_until_ready(new_tree)
+    except Exception as e:
+      raise _swap_error(step, tree, e) from e
+    migrate_s = time.perf_counter() - t0
+    total_bytes = sum(plan.bytes_to_move for _, plan, _ in changes) or 1
+    events = []
+    for layer, plan, search_s in changes:
       placements[layer] = plan.placement.astype(np.int32)
       self.swaps += len(plan.pairs)
       events.append({"layer": _jsonable(layer), "pairs": [list(map(int, p)) for p in plan.pairs],
                      "predicted_gain_ms": float(plan.gain_ms),
                      "bytes_moved": int(plan.bytes_to_move),
-                     "time_s": time.perf_counter() - t0})
-    return tree, placements, events
+                     "time_s": search_s + migrate_s * plan.bytes_to_move / total_bytes})
+    return new_tree, placements, events
+
+
+def _swap_error(step: int, tree, cause: Exception) -> SwapError:
+  what = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"
+  if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree_util.tree_leaves(tree)):
+    return SwapError(f"expert swap at step {step} failed while moving experts ({what}); "
+                     "the expert leaves were consumed: resume from the last checkpoint")
+  return SwapError(f"expert swap at step {step} failed before any expert moved ({what}); "
+                   "params, optimizer state and placements are unchanged")
 
 
 def _jsonable(layer):

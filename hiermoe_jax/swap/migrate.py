@@ -18,10 +18,22 @@ E. Such a leaf must be sharded as `mesh.sharded_rows` over ("node", "local") -
 the layout of `params.param_specs` - otherwise `migrate` raises rather than let
 XLA reshard (which could gather the stack).
 
+`migrate_many(tree, moves, mesh)` applies several placement changes at once, each
+to its own leaves (one per layer, say), in one program.
+
 Placements are host values (numpy or concrete arrays): they fix the static
 communication pattern, and one program is compiled per distinct move pattern.
 The expert leaves are donated when `migrate` runs outside jit; it also traces
 inside an outer jit (then the caller decides donation).
+
+All or nothing: every check (placements, leaf shapes and shardings) runs on the
+host first, then a single jitted call moves every selected leaf. Donation happens
+only when that call's program is dispatched, after tracing and compiling, so any
+error raised before it leaves `tree` valid and untouched; once dispatched, the
+program runs to completion and the result is the whole new state. What remains is
+a failure of the running program itself (a dead peer, a device error): the inputs
+are then consumed (`is_deleted()`), as for any failed step that donates its state,
+and the run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -142,9 +154,17 @@ def _migrate_fn(plan: MovePlan, mesh: Mesh, ndims: tuple[int, ...]):
                        in_specs=(specs,), out_specs=specs)
 
 
+GroupKey = tuple[tuple[MovePlan, tuple[int, ...]], ...]  # (plan, leaf ndims) per group
+
+
+def _groups_fn(key: GroupKey, mesh: Mesh):
+  fns = [_migrate_fn(plan, mesh, ndims) for plan, ndims in key]
+  return lambda groups: [fn(leaves) for fn, leaves in zip(fns, groups)]
+
+
 @functools.lru_cache(maxsize=64)
-def _jitted(plan: MovePlan, mesh: Mesh, ndims: tuple[int, ...]):
-  return jax.jit(_migrate_fn(plan, mesh, ndims), donate_argnums=0)
+def _jitted(key: GroupKey, mesh: Mesh):
+  return jax.jit(_groups_fn(key, mesh), donate_argnums=0)
 
 
 def migrate(tree, old_placement, new_placement, mesh: Mesh, *,
@@ -156,26 +176,55 @@ def migrate(tree, old_placement, new_placement, mesh: Mesh, *,
     `expert_leaf(path, leaf, E)` (see the module docstring).
   Outside jit, the expert leaves are donated: do not use them afterwards.
   """
+  return migrate_many(tree, [(old_placement, new_placement, is_expert_leaf)], mesh)
+
+
+def migrate_many(tree, moves, mesh: Mesh):
+  """`tree` with several placement changes applied together, all or nothing.
+
+  moves: (old_placement, new_placement, is_expert_leaf or None) per change, as in
+    `migrate`; no leaf may be selected by two of them.
+  Every check runs before anything moves, then one jitted call moves every
+  selected leaf (see "All or nothing" in the module docstring). Outside jit, the
+  moved leaves are donated: do not use them afterwards.
+  """
   shape = MeshShape.of(mesh)
-  old = _concrete(old_placement, "old_placement")
-  num_experts = old.shape[0]
-  select = is_expert_leaf or (lambda path, leaf: expert_leaf(path, leaf, num_experts))
-  plan = plan_moves(old, new_placement, shape)
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  chosen = [n for n, (path, leaf) in enumerate(flat) if select(path, leaf)]
-  if not chosen or (not plan.rounds and plan.moved_slots == 0):
+  owner: dict[int, int] = {}  # leaf index -> the move that selected it
+  groups = []  # (plan, E, leaf indices)
+  for m, (old_placement, new_placement, select) in enumerate(moves):
+    old = _concrete(old_placement, "old_placement")
+    num_experts = old.shape[0]
+    select = select or functools.partial(_default_select, num_experts=num_experts)
+    plan = plan_moves(old, new_placement, shape)
+    chosen = [n for n, (path, leaf) in enumerate(flat) if select(path, leaf)]
+    for n in chosen:
+      if n in owner:
+        raise ValueError(f"leaf {jax.tree_util.keystr(flat[n][0])} is selected by moves "
+                         f"{owner[n]} and {m}; each leaf can follow one placement change")
+      owner[n] = m
+    if chosen and plan.moved_slots:
+      groups.append((plan, num_experts, chosen))
+  if not groups:
     return tree
-  leaves = [flat[n][1] for n in chosen]
-  tracing = any(isinstance(x, jax.core.Tracer) for x in leaves)
-  for n in chosen:
-    _check_leaf(flat[n][0], flat[n][1], mesh, num_experts, tracing)
-  ndims = tuple(x.ndim for x in leaves)
-  fn = _migrate_fn(plan, mesh, ndims) if tracing else _jitted(plan, mesh, ndims)
-  moved = fn(leaves)
+  tracing = any(isinstance(flat[n][1], jax.core.Tracer) for _, _, chosen in groups
+                for n in chosen)
+  for _, num_experts, chosen in groups:
+    for n in chosen:
+      _check_leaf(flat[n][0], flat[n][1], mesh, num_experts, tracing)
+  leaves = [[flat[n][1] for n in chosen] for _, _, chosen in groups]
+  key = tuple((plan, tuple(x.ndim for x in group)) for (plan, _, _), group in zip(groups, leaves))
+  fn = _groups_fn(key, mesh) if tracing else _jitted(key, mesh)
+  moved = fn(leaves)  # the one call that may consume (donate) the inputs
   values = [leaf for _, leaf in flat]
-  for n, value in zip(chosen, moved):
-    values[n] = value
+  for (_, _, chosen), group in zip(groups, moved):
+    for n, value in zip(chosen, group):
+      values[n] = value
   return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _default_select(path, leaf, *, num_experts: int) -> bool:
+  return expert_leaf(path, leaf, num_experts)
 
 
 def _check_leaf(path, leaf, mesh: Mesh, num_experts: int, tracing: bool) -> None:
