@@ -38,12 +38,20 @@ def load_tokens(cfg: DataConfig) -> np.ndarray:
   if not path.exists():
     raise ConfigError(f"data.path={cfg.path!r} is invalid: no such file or directory")
   if path.suffix == ".npy":
-    tokens = np.load(path, mmap_mode="r")
+    try:
+      tokens = np.load(path, mmap_mode="r")
+    except (OSError, EOFError, ValueError) as e:
+      raise ConfigError(f"data.path={cfg.path!r} is invalid: not a readable .npy array "
+                        f"({e})") from None
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
       raise ConfigError(f"data.path={cfg.path!r} is invalid: a .npy corpus must be a 1-D "
                         f"integer array, not {tokens.dtype}{list(tokens.shape)}")
     return tokens
   if path.suffix == ".bin":
+    itemsize, size = np.dtype(cfg.token_dtype).itemsize, path.stat().st_size
+    if size == 0 or size % itemsize:
+      raise ConfigError(f"data.path={cfg.path!r} is invalid: {size} bytes is not a positive "
+                        f"multiple of data.token_dtype={cfg.token_dtype} ({itemsize} bytes)")
     return np.memmap(path, dtype=np.dtype(cfg.token_dtype), mode="r")
   files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
   if not files:
