@@ -8,7 +8,7 @@ Each child gets the variables `hiermoe_jax.distributed.initialize()` reads
 (coordinator address, process count, its process id, and with
 `--dead-host-timeout` the bound on noticing a dead peer) and
 XLA_FLAGS=--xla_force_host_platform_device_count=G (replacing any count inherited
-from this process). Output lines are prefixed with `[rank]`. When a child fails
+from this process; see `distributed.simulated_cpu_flags`). Output lines are prefixed with `[rank]`. When a child fails
 the others are stopped and the launcher exits with that child's code; at the
 timeout everything is stopped and it exits with 124. With `--keep-going` a
 failure stops nobody: the launcher waits for every child, reports each failure and
@@ -36,7 +36,6 @@ from hiermoe_jax import netns
 
 TIMEOUT_EXIT = 124
 _STOP_GRACE_S = 5.0
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _DEFAULT_NETNS_PORT = 29500
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -132,8 +131,7 @@ def child_env(base: dict[str, str], *, coordinator: str, processes: int, rank: i
   """The environment of child `rank`: base + launcher variables + device count
   (+ the dead-host bound, if given; else an inherited one stays)."""
   env = dict(base)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
-  env["XLA_FLAGS"] = " ".join(flags + [f"{_DEVICE_COUNT_FLAG}={local_devices}"])
+  env["XLA_FLAGS"] = distributed.simulated_cpu_flags(env.get("XLA_FLAGS", ""), local_devices)
   env[distributed.COORDINATOR] = coordinator
   env[distributed.NUM_PROCESSES] = str(processes)
   env[distributed.PROCESS_ID] = str(rank)

@@ -34,7 +34,6 @@ from hiermoe_jax.config import ConfigError
 from hiermoe_jax.dispatch import exchange, get_strategy
 from hiermoe_jax.mesh import AXES, LOCAL, NODE, MeshShape
 
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _KIND_AXES = {"flat": AXES, "inter": NODE, "intra": LOCAL}
 
 
@@ -46,8 +45,8 @@ def start(mesh_arg: tuple[int, int] | None):
   """
   if distributed.launcher_env() is None and mesh_arg is not None:
     flags = os.environ.get("XLA_FLAGS", "")
-    if _DEVICE_COUNT_FLAG not in flags:
-      os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_COUNT_FLAG}={mesh_arg[0] * mesh_arg[1]}"
+    if distributed.DEVICE_COUNT_FLAG not in flags:
+      os.environ["XLA_FLAGS"] = distributed.simulated_cpu_flags(flags, mesh_arg[0] * mesh_arg[1])
   distributed.initialize()
   import jax
   from hiermoe_jax.mesh import make_mesh
@@ -62,7 +61,7 @@ def start(mesh_arg: tuple[int, int] | None):
   nodes, local = mesh_arg
   if jax.device_count() < nodes * local:
     raise ConfigError(f"--mesh={nodes}x{local} is invalid: it needs {nodes * local} devices; "
-                      f"JAX has {jax.device_count()} (set XLA_FLAGS={_DEVICE_COUNT_FLAG}=N "
+                      f"JAX has {jax.device_count()} (set XLA_FLAGS={distributed.DEVICE_COUNT_FLAG}=N "
                       "before start)")
   return make_mesh(nodes, local, devices=jax.devices()[: nodes * local])
 
