@@ -125,6 +125,7 @@ class TrainConfig:
   swap_profile: str = "default"  # cost profile: "default", "paper_a6000" or a JSON path
   swap_migration_cost: bool = True  # false: migration priced at 0 (any predicted gain swaps)
   on_nan: str = "stop"  # NaN/Inf loss or gradients: "stop" the run or "skip" the update
+  drop_warning: float = 0.01  # warn when a layer drops more than this fraction of its pairs
 
   def __post_init__(self):
     _check_ints("train", self, ("batch_size", "seq_len", "steps", "eval_batches", "keep"))
@@ -137,6 +138,7 @@ class TrainConfig:
     for name in ("b1", "b2"):
       _check_real(f"train.{name}", getattr(self, name), "in [0, 1)", lambda v: 0 <= v < 1)
     _check_real("train.grad_clip", self.grad_clip, "> 0", lambda v: v > 0)
+    _check_real("train.drop_warning", self.drop_warning, "in [0, 1]", lambda v: 0 <= v <= 1)
     _check_bools("train", self, ("swap_migration_cost",))
     if not isinstance(self.swap_profile, str) or not self.swap_profile:
       _fail("train.swap_profile", self.swap_profile,

@@ -19,7 +19,8 @@ def step_record(step: int, metrics, *, step_time_s: float, tokens: int,
   """One JSON object for metrics.jsonl; MoE fields are lists with one entry per MoE layer.
 
   swaps: the expert-swap events of this step (`SwapController.maybe_swap`); step_time_s
-  excludes them (a swap's own time is in its event's time_s).
+  excludes them (a swap's own time is in its event's time_s). nonfinite: the loss, aux
+  loss or grad norm was NaN/Inf and the step's update was not applied.
   """
   m = {k: np.asarray(v) for k, v in vars(metrics).items() if k != "topk_ids"}
   record = {
@@ -36,6 +37,7 @@ def step_record(step: int, metrics, *, step_time_s: float, tokens: int,
       "dropped": [int(d) for d in m["dropped"]],
       "imbalance": [float(x) for x in m["imbalance"]],
       "swaps": list(swaps),
+      "nonfinite": not bool(m["finite"]),
   }
   if eval_loss is not None:
     record["eval_loss"] = eval_loss

@@ -50,6 +50,7 @@ class StepMetrics:
   dropped: jax.Array
   imbalance: jax.Array
   strategy_index: jax.Array  # per MoE layer: index into hm.config.STRATEGIES of what ran
+  finite: jax.Array  # bool []: loss, aux loss and grad norm finite; else the update was skipped
   # Per MoE layer: routing ids [tokens, K] (token-sharded) for the swap controller;
   # () unless train.swap_interval > 0, so that the ids stay off the hot path.
   topk_ids: tuple = ()
@@ -113,6 +114,9 @@ class Model:
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     (_, (ce, aux_loss, auxes)), grads = grad_fn(state.params, state.buffers, inputs_BS,
                                                 targets_BS)
+    grad_norm = optax.tree.norm(grads)
+    # A NaN or Inf in any gradient makes the norm non-finite: three scalars cover the step.
+    finite = jnp.isfinite(ce) & jnp.isfinite(aux_loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     buffers = self._update_router_biases(params, state.buffers, auxes)
@@ -120,7 +124,7 @@ class Model:
     devices = self.mesh.devices.size
     placements = [self._placement(state.buffers, i) for i in range(len(auxes))]
     metrics = StepMetrics(
-        loss=ce, aux_loss=aux_loss, grad_norm=optax.tree.norm(grads),
+        loss=ce, aux_loss=aux_loss, grad_norm=grad_norm,
         lr=self.schedule(state.step),
         dedup_node=_stack([a.dedup_rate["node"] for a in auxes]),
         dedup_device=_stack([a.dedup_rate["device"] for a in auxes]),
@@ -128,9 +132,14 @@ class Model:
         imbalance=_stack([imbalance(a.expert_counts, p, devices)
                           for a, p in zip(auxes, placements)]),
         strategy_index=_stack([a.strategy_index for a in auxes]),
+        finite=finite,
         topk_ids=tuple(a.topk_ids for a in auxes) if self.cfg.train.swap_interval else ())
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           buffers=buffers, rng=rng)
+    # A non-finite step consumes its batch (step and rng advance) but keeps the old
+    # params, optimizer state and buffers: a select, so the donated state stays valid.
+    kept = _select(finite, (params, opt_state, buffers),
+                   (state.params, state.opt_state, state.buffers))
+    new_state = TrainState(step=state.step + 1, params=kept[0], opt_state=kept[1],
+                           buffers=kept[2], rng=rng)
     return new_state, metrics
 
   def eval_step(self, state: TrainState, inputs_BS, targets_BS):
@@ -183,10 +192,28 @@ def with_placements(buffers, placements: dict):
   return jax.tree_util.tree_map_with_path(replace, buffers)
 
 
+def nonfinite_leaves(tree) -> list[str]:
+  """Paths of the floating-point leaves of `tree` that hold a NaN or an Inf."""
+  flat = [(jax.tree_util.keystr(path), x)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if jnp.issubdtype(x.dtype, jnp.inexact)]
+  finite = jax.device_get(_finite_per_leaf([x for _, x in flat])) if flat else []
+  return [path for (path, _), ok in zip(flat, finite) if not ok]
+
+
+@jax.jit
+def _finite_per_leaf(leaves):
+  return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
 def imbalance(counts_E, placement_E, devices: int):
   """max / mean of (token, expert) rows per device, experts in physical order."""
   per_device = counts_E[placement_E].reshape(devices, -1).sum(axis=-1).astype(jnp.float32)
   return jnp.max(per_device) / jnp.maximum(jnp.mean(per_device), 1e-9)
+
+
+def _select(pred, on_true, on_false):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 def _stack(values):

@@ -5,27 +5,46 @@
 The same code runs in one process (any --mesh NxG over its local devices) or in
 several (one per node: the mesh's "node" axis is the processes); each process
 builds and feeds only its own rows of every global batch.
+
+Reliability: a step whose loss or gradients are NaN/Inf never updates the state; with
+train.on_nan=skip the run goes on, with "stop" it raises NonFiniteError. SIGTERM and
+SIGINT stop the run after the current step with a synchronous checkpoint
+(RunResult.interrupted names the signal). A checkpoint is only written from an
+all-finite state, and resuming skips damaged checkpoints (models/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
+import signal
 import sys
+import threading
 import time
+import warnings
 
 import jax
 import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 
 import hiermoe_jax as hm
 from hiermoe_jax import cost as cost_lib
+from hiermoe_jax.diagnostics import CapacityWarning, check_drop_counts
 from hiermoe_jax.swap import SearchConfig, SwapController
 from models import data as data_lib
-from models.checkpoint import Checkpointer
+from models.checkpoint import CheckpointError, Checkpointer
 from models.config import Config, ConfigError
 from models.metrics import MetricsLog, ProgressBar, step_record
-from models.steps import Model, TrainState, placements_of, with_placements
+from models.steps import Model, TrainState, nonfinite_leaves, placements_of, with_placements
+
+
+DROP_WARNING_EVERY = 100  # steps between two capacity-drop warnings
+
+
+class NonFiniteError(RuntimeError):
+  """A NaN/Inf loss or gradient with train.on_nan=stop, or a non-finite state to save."""
 
 
 @dataclasses.dataclass
@@ -33,6 +52,7 @@ class RunResult:
   state: TrainState
   records: list[dict]  # this invocation's metrics records
   start_step: int  # step the run resumed from (0 for a fresh run)
+  interrupted: int | None = None  # signal number if SIGTERM/SIGINT stopped the run early
 
 
 def build_mesh(cfg: Config) -> jax.sharding.Mesh:
@@ -136,6 +156,90 @@ def _log(message: str, enabled: bool) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class StopSignals:
+  """SIGTERM / SIGINT ask the loop to stop after the current step, which it then saves.
+
+  The first signal puts the previous handler back, so a second one acts as usual
+  (SIGINT raises KeyboardInterrupt; the Orbax commit protocol keeps the checkpoints
+  whole). Handlers can only be installed from the main thread; elsewhere this is inert.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __enter__(self):
+    self.received = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = signum
+    signal.signal(signum, self._restorable(signum))
+
+  def _restorable(self, signum):
+    previous = self._previous[signum]
+    return signal.SIG_DFL if previous is None else previous  # None: set outside Python
+
+  def __exit__(self, *exc):
+    for signum in self._previous:
+      signal.signal(signum, self._restorable(signum))
+
+  def requested(self) -> int | None:
+    """The signal to stop on; with several processes a signal to any one stops all,
+    at the same step (they must save the same checkpoint)."""
+    if jax.process_count() == 1:
+      return self.received
+    signums = multihost_utils.process_allgather(np.int32(self.received or 0))
+    return int(np.max(signums)) or None
+
+
+def _nonfinite_summary(record: dict) -> str:
+  """`loss (loss=nan, aux_loss=0.01, grad_norm=0.3)`: what was NaN/Inf, then all three."""
+  names = ("loss", "aux_loss", "grad_norm")
+  bad = [n for n in names if not math.isfinite(record[n])]
+  return (f"{' and '.join(bad) or 'value'} "
+          f"({', '.join(f'{n}={record[n]:.4g}' for n in names)})")
+
+
+def _on_nonfinite(on_nan: str, record: dict, checkpointer: Checkpointer, lead: bool) -> None:
+  """The step's update was not applied (steps.py); warn, or raise to stop the run."""
+  what = f"step {record['step']}: non-finite {_nonfinite_summary(record)}"
+  if on_nan == "skip":
+    _log(f"warning: {what}; skipped the update (train.on_nan=skip)", lead)
+    return
+  latest = checkpointer.latest_step()
+  raise NonFiniteError(
+      f"{what}; stopped without applying the update (train.on_nan=stop, --on-nan skip "
+      "skips such steps); latest checkpoint: "
+      + (f"{checkpointer.step_dir(latest)}" if latest is not None else "none"))
+
+
+def save_checkpoint(checkpointer: Checkpointer, step: int, state: TrainState, meta: dict) -> None:
+  """Starts the save of `step`; refuses a state holding NaN/Inf (never checkpointed)."""
+  bad = nonfinite_leaves(state)
+  if bad:
+    latest = checkpointer.latest_step()
+    raise NonFiniteError(f"step {step}: the train state holds NaN/Inf in {bad[0]}"
+                         + (f" and {len(bad) - 1} more leaves" if len(bad) > 1 else "")
+                         + f"; not checkpointing it (latest checkpoint: step {latest})")
+  checkpointer.save(step, state, {**meta, "data_position": step})
+
+
+def _resume(model: Model, checkpointer: Checkpointer, lead: bool) -> tuple[TrainState, int]:
+  """The newest checkpoint that reads back, or a fresh state at step 0."""
+  def check(step, meta):
+    if meta.get("data_position") != step:
+      raise CheckpointError(f"it records data_position={meta.get('data_position')}")
+  found = checkpointer.restore_latest(model.abstract_state(), check=check,
+                                      warn=lambda message: _log(message, lead))
+  if found is None:
+    return model.init_state(), 0
+  step, state, _ = found
+  return state, step
+
+
 def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = None,
         verbose: bool = True) -> RunResult:
   """Trains to cfg.train.steps, resuming from run_dir's latest checkpoint if any.
@@ -160,33 +264,50 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
   model = Model(cfg, mesh)
   controller = swap_controller(cfg, model)
   checkpointer = Checkpointer(run_dir, keep=tc.keep)
-  start = checkpointer.latest_step()
-  if start is None:
-    start = 0
-    state = model.init_state()
-  else:
-    state, meta = checkpointer.restore(start, model.abstract_state())
-    if meta.get("data_position") != start:
-      raise ValueError(f"checkpoint {start} records data_position={meta.get('data_position')}")
-    _log(f"resumed from step {start} in {run_dir} on a "
-         f"{mesh.shape['node']}x{mesh.shape['local']} mesh", verbose)
-  if lead:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-  rows = process_rows(model.batch_sharding, (tc.batch_size, tc.seq_len))
-  meta = {"config": cfg.to_dict(), "mesh": dict(mesh.shape)}
-  tokens_per_step = tc.batch_size * tc.seq_len
-  log = MetricsLog(run_dir, resume_step=start, enabled=lead)
-  bar = ProgressBar(start, tc.steps, enabled=verbose)
-  records = []
   try:
+    state, start = _resume(model, checkpointer, lead)
+    if start:
+      _log(f"resumed from step {start} in {run_dir} on a "
+           f"{mesh.shape['node']}x{mesh.shape['local']} mesh", verbose)
+    if lead:
+      run_dir.mkdir(parents=True, exist_ok=True)
+      (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log = MetricsLog(run_dir, resume_step=start, enabled=lead)
+    try:
+      with StopSignals() as signals:
+        loop = _Loop(model, controller, checkpointer, log, signals,
+                     ProgressBar(start, tc.steps, enabled=verbose), lead, verbose)
+        return loop.run(state, start, train_batches, eval_batches, stop_after)
+    finally:
+      log.close()
+  finally:
+    checkpointer.close()
+
+
+@dataclasses.dataclass
+class _Loop:
+  """The steps of one invocation of `run`, with what it shares between them."""
+  model: Model
+  controller: SwapController | None
+  checkpointer: Checkpointer
+  log: MetricsLog
+  signals: StopSignals
+  bar: ProgressBar
+  lead: bool
+  verbose: bool
+  last_drop_warning: int | None = None  # step of the last capacity warning
+
+  def run(self, state, start, train_batches, eval_batches, stop_after) -> RunResult:
+    model, tc = self.model, self.model.cfg.train
+    rows = process_rows(model.batch_sharding, (tc.batch_size, tc.seq_len))
+    meta = {"config": model.cfg.to_dict(), "mesh": dict(model.mesh.shape)}
+    records, interrupted = [], None
     if start < tc.steps:
       t0 = time.perf_counter()
       batch = _device_batch(model, train_batches, start, rows)
       step_fn = model.jit_train_step.lower(state, *batch).compile()
       _log(f"compiled the train step in {time.perf_counter() - t0:.1f}s "
-           f"(mesh {dict(mesh.shape)}, from step {start})", verbose)
+           f"(mesh {dict(model.mesh.shape)}, from step {start})", self.verbose)
     for step in range(start, tc.steps):
       t0 = time.perf_counter()
       batch = _device_batch(model, train_batches, step, rows)
@@ -196,21 +317,53 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
       step_time = time.perf_counter() - t0
       done = step + 1
       swaps = []
-      if controller is not None:
-        state, swaps = _swap(model, controller, done, state, topk_ids)
+      if self.controller is not None and metrics.finite:  # a NaN step's routing is noise
+        state, swaps = _swap(model, self.controller, done, state, topk_ids)
       eval_loss = None
       if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
         eval_loss = evaluate(model, state, eval_batches, rows)
-      record = step_record(done, metrics, step_time_s=step_time, tokens=tokens_per_step,
-                           eval_loss=eval_loss, swaps=swaps)
+      record = step_record(done, metrics, step_time_s=step_time,
+                           tokens=tc.batch_size * tc.seq_len, eval_loss=eval_loss, swaps=swaps)
       records.append(record)
-      log.write(record)
-      bar.update(done, record["loss"], eval_loss)
-      if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
-        checkpointer.save(done, state, {**meta, "data_position": done})
-      if stop_after is not None and done - start >= stop_after:
+      self.log.write(record)
+      self.bar.update(done, record["loss"], eval_loss)
+      self._check_drops(record)
+      if record["nonfinite"]:
+        _on_nonfinite(tc.on_nan, record, self.checkpointer, self.lead)
+      interrupted = self._checkpoint(done, state, meta)
+      if interrupted or (stop_after is not None and done - start >= stop_after):
         break
-  finally:
-    checkpointer.close()
-    log.close()
-  return RunResult(state=state, records=records, start_step=start)
+    return RunResult(state=state, records=records, start_step=start, interrupted=interrupted)
+
+  def _check_drops(self, record: dict) -> None:
+    """Warns (at most once per DROP_WARNING_EVERY steps) when a layer's capacity drops
+    exceed train.drop_warning; a drop in dropless mode raises (a library bug)."""
+    cfg = self.model.cfg
+    pairs = cfg.train.batch_size * cfg.train.seq_len * cfg.moe.top_k
+    quiet = (self.last_drop_warning is not None
+             and record["step"] - self.last_drop_warning < DROP_WARNING_EVERY)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", CapacityWarning)
+      for layer, dropped in zip(self.model.moe_layers, record["dropped"]):
+        check_drop_counts(dropped, pairs, dropless=cfg.moe.dropless,
+                          capacity_factor=cfg.moe.capacity_factor,
+                          threshold=cfg.train.drop_warning,
+                          where=f"step {record['step']}, layer {layer}")
+    if caught and not quiet:
+      self.last_drop_warning = record["step"]
+      for w in caught:
+        _log(f"warning: {w.message}", self.lead)
+
+  def _checkpoint(self, done: int, state: TrainState, meta: dict) -> int | None:
+    """Saves every checkpoint_every steps, at the end, and on a stop signal; then the
+    save completes before returning the signal, for the process to exit."""
+    tc = self.model.cfg.train
+    interrupted = self.signals.requested()
+    if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or (
+        interrupted):
+      save_checkpoint(self.checkpointer, done, state, meta)
+    if interrupted:
+      self.checkpointer.wait()
+      _log(f"stopped by {signal.Signals(interrupted).name} after step {done}: saved "
+           f"{self.checkpointer.step_dir(done)}", self.lead)
+    return interrupted

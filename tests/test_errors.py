@@ -107,7 +107,8 @@ RUN_CASES = {
               "b2": "-0.1", "grad_clip": "0", "seed": "-1", "eval_every": "-1",
               "eval_batches": "0", "checkpoint_every": "-5", "keep": "0",
               "swap_interval": "-1", "swap_window": "-1", "swap_max_pairs": "-1",
-              "swap_profile": "", "swap_migration_cost": "maybe", "on_nan": "maybe"},
+              "swap_profile": "", "swap_migration_cost": "maybe", "on_nan": "maybe",
+              "drop_warning": "1.5"},
     "data": {"path": "", "eval_fraction": "1", "token_dtype": "int8"},
     "mesh": {"nodes": "0", "local": "-1"},
 }
@@ -318,6 +319,19 @@ def test_train_config_errors(argv, names, capsys, no_compile, tmp_path, monkeypa
   assert code == 2
   assert_one_line(err, "error: ", *names)
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--mesh", "2y4"], ["--mesh='2y4' is invalid"]),
+    (["--steps", "abc"], ["--steps", "'abc'"]),
+    (["--stop-after", "0"], ["--stop-after='0' is invalid"]),
+    (["--on-nan", "ignore"], ["--on-nan", "'ignore'"]),
+    (["--run-dir", str(TINY)], ["--run-dir=", "is a file"]),
+])
+def test_train_option_errors(argv, names, capsys, no_compile):
+  code, err = run_main(script("train").main, argv, capsys)
+  assert code == 2
+  assert_one_line(err, "error: ", *names)
 
 
 # ------------------------------------------------------------------------ cli helpers
