@@ -112,22 +112,21 @@ def _run_strategy(name, x_TD, slots_TK, w_TK, expert_params, *, caps, layout, st
 
 
 def _device_step(x_TD, slots_TK, w_TK, expert_params, *, dispatch, caps, layout, profile,
-                 bytes_per_elem):
-  """Per device: run `dispatch`, or for "auto" price every strategy and run the cheapest."""
+                 top_k, bytes_per_elem):
+  """Per device: run `dispatch`, or for "auto" price the strategies and run the cheapest."""
+  names = tuple(caps)  # the fixed strategy, or auto's candidates
+  # Every branch reports the same statistics structure: all its candidates' stages.
+  keys = tuple(dict.fromkeys(t for n in names for t in get_strategy(n).tiers)) + ("expert",)
+  branch = lambda name: functools.partial(_run_strategy, name, caps=caps, layout=layout,  # noqa: E731
+                                          stage_keys=keys)
+  operands = (x_TD, slots_TK, w_TK, expert_params)
   if dispatch != "auto":
-    keys = get_strategy(dispatch).tiers + ("expert",)
-    y_TD, reduced = _run_strategy(dispatch, x_TD, slots_TK, w_TK, expert_params, caps=caps,
-                                  layout=layout, stage_keys=keys)
+    y_TD, reduced = branch(dispatch)(*operands)
     return y_TD, reduced + (jnp.int32(STRATEGIES.index(dispatch)), {})
-  peaks = auto.live_peaks(slots_TK, shape=layout.shape,
-                          experts_per_device=layout.experts_per_device)
-  index, predicted = auto.choose(peaks, profile, shape=layout.shape,
-                                 d_model=x_TD.shape[-1], bytes_per_elem=bytes_per_elem)
-  # Every branch reports the same statistics structure: all stage names.
-  keys = tuple(dict.fromkeys(t for n in STRATEGIES for t in get_strategy(n).tiers)) + ("expert",)
-  branches = [functools.partial(_run_strategy, name, caps=caps, layout=layout, stage_keys=keys)
-              for name in STRATEGIES]
-  y_TD, reduced = jax.lax.switch(index, branches, x_TD, slots_TK, w_TK, expert_params)
+  (y_TD, reduced), index, predicted = auto.run_cheapest(
+      branch, operands, slots_TK, profile=profile, shape=layout.shape,
+      experts_per_device=layout.experts_per_device, top_k=top_k, d_model=x_TD.shape[-1],
+      bytes_per_elem=bytes_per_elem)
   return y_TD, reduced + (index, predicted)
 
 
@@ -161,7 +160,8 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
     z = routing_lib.z_loss(logits_TE)
   slots_TK = inverse_placement(placement, config.num_experts)[routing.ids_TK]
 
-  names = STRATEGIES if config.dispatch == "auto" else (config.dispatch,)
+  names = (auto.candidates(shape, config.top_k) if config.dispatch == "auto"
+           else (config.dispatch,))
   caps = {name: capacities(get_strategy(name), tokens=tokens_per_device, top_k=config.top_k,
                            num_experts=config.num_experts, shape=shape,
                            capacity_factor=config.capacity_factor, dropless=config.dropless)
@@ -173,7 +173,8 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
   expert_specs = jax.tree.map(lambda a: mesh_lib.sharded_rows(a.ndim), params["experts"])
   step = jax.shard_map(
       functools.partial(_device_step, dispatch=config.dispatch, caps=caps, layout=layout,
-                        profile=profile, bytes_per_elem=jnp.dtype(config.dtype).itemsize),
+                        profile=profile, top_k=config.top_k,
+                        bytes_per_elem=jnp.dtype(config.dtype).itemsize),
       mesh=mesh,
       in_specs=(rows_spec, rows_spec, rows_spec, expert_specs),
       out_specs=(rows_spec, mesh_lib.replicated()),

@@ -169,7 +169,7 @@ def auto_entry(per: dict, profile, mesh_shape, args) -> dict:
   predicted = {n: cost.predict(n, per[n], profile, mesh_shape=mesh_shape, d_model=args.hidden,
                                bytes_per_elem=args.bytes_per_elem) for n in STRATEGIES}
   shape = mesh_shape if isinstance(mesh_shape, MeshShape) else MeshShape(*mesh_shape)
-  names = auto.candidates(shape)
+  names = auto.candidates(shape, args.topk)
   best = min(names, key=lambda n: (predicted[n], STRATEGIES.index(n)))
   return {**per[best], "strategy": "auto", "auto_choice": best}
 

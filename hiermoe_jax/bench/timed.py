@@ -148,29 +148,28 @@ def exchange_step(mesh, strategy: str, hop_caps: tuple[int, ...], num_experts: i
   return jax.jit(_with_backward(forward, backward))
 
 
-def auto_step(mesh, caps_by_name: dict, num_experts: int, profile, *, d_model: int,
-              bytes_per_elem: int, backward: bool) -> Callable:
-  """Like `exchange_step`, but each call prices every strategy on the live routing
-  (hiermoe_jax.dispatch.auto) and runs the cheapest, decision included in the time."""
+def auto_step(mesh, caps_by_name: dict, num_experts: int, profile, *, top_k: int,
+              d_model: int, bytes_per_elem: int, backward: bool) -> Callable:
+  """Like `exchange_step`, but each call prices the strategies on the live routing
+  (`auto.run_cheapest`, as in moe_apply) and runs the cheapest, decision included."""
   import jax
-  from hiermoe_jax.config import STRATEGIES
   from hiermoe_jax.dispatch import auto
   from hiermoe_jax.mesh import sharded_rows
   layout = exchange.Layout(MeshShape.of(mesh), num_experts)
 
-  def branch(name, x_TD, slots_TK, w_TK):
-    y_TD, _ = exchange.run(x_TD, slots_TK, w_TK, strategy=get_strategy(name),
-                           hop_caps=caps_by_name[name], layout=layout,
-                           expert_fn=_stand_in_experts)
-    return y_TD
+  def branch(name):
+    def run(x_TD, slots_TK, w_TK):
+      return exchange.run(x_TD, slots_TK, w_TK, strategy=get_strategy(name),
+                          hop_caps=caps_by_name[name], layout=layout,
+                          expert_fn=_stand_in_experts)[0]
+    return run
 
   def device(x_TD, slots_TK, w_TK):
-    peaks = auto.live_peaks(slots_TK, shape=layout.shape,
-                            experts_per_device=layout.experts_per_device)
-    index, _ = auto.choose(peaks, profile, shape=layout.shape, d_model=d_model,
-                           bytes_per_elem=bytes_per_elem)
-    return jax.lax.switch(index, [functools.partial(branch, n) for n in STRATEGIES],
-                          x_TD, slots_TK, w_TK)
+    y_TD, _, _ = auto.run_cheapest(
+        branch, (x_TD, slots_TK, w_TK), slots_TK, profile=profile, shape=layout.shape,
+        experts_per_device=layout.experts_per_device, top_k=top_k, d_model=d_model,
+        bytes_per_elem=bytes_per_elem)
+    return y_TD
 
   rows = sharded_rows(2)
   forward = jax.shard_map(device, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows)
@@ -283,9 +282,11 @@ def benchmark(mesh, ids_DTK: np.ndarray, *, strategies: list[str], num_experts: 
       info[name] = {"hop_capacity": [per_peer], "gspmd_group": gspmd_group,
                     "gspmd_expert_capacity": cap}
     elif name == "auto":
-      from hiermoe_jax.config import STRATEGIES
-      caps = {n: tight_hop_caps(ids_DTK, n, shape, num_experts) for n in STRATEGIES}
-      fn = auto_step(mesh, caps, num_experts, profile, d_model=d_model,
+      from hiermoe_jax.dispatch import auto
+      top_k = ids_DTK.shape[-1]
+      caps = {n: tight_hop_caps(ids_DTK, n, shape, num_experts)
+              for n in auto.candidates(shape, top_k)}
+      fn = auto_step(mesh, caps, num_experts, profile, top_k=top_k, d_model=d_model,
                      bytes_per_elem=jnp.dtype(dtype).itemsize, backward=backward)
       info[name] = {"hop_capacity_by_strategy": {n: list(c) for n, c in caps.items()}}
     else:

@@ -5,11 +5,14 @@ counts the rows it would send to every destination device / node, once per
 (token, expert) and once per (token, destination); a psum over `node` gives the
 rows each stage-1 receiver forwards inside its node; a pmax over all devices
 gives every hop's peak rows per peer, identical on all devices. The cost model
-prices each strategy from those peaks and every device takes the same argmin.
+prices each strategy from those peaks and every device takes the same argmin
+among the `candidates` (the strategies the model can prefer on this mesh).
 The decision costs two small reductions (one psum, one pmax), no all-to-all.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,25 +63,48 @@ def live_peaks(slots_TK, *, shape: MeshShape, experts_per_device: int) -> dict:
   return out
 
 
-def candidates(shape: MeshShape) -> tuple[str, ...]:
-  """Strategies worth pricing on this mesh.
+def candidates(shape: MeshShape, top_k: int) -> tuple[str, ...]:
+  """The strategies `auto` compiles as branches: those the model can prefer.
 
-  On a mesh with one node (or one device per node) a hierarchical strategy is
-  its flat twin plus a hop that only copies rows locally, which the cost model
-  (pricing communication) would call free; so only the flat ones compete there.
+  - A dedup strategy never sends more rows than its plain twin through the same
+    stages, so with top_k > 1 only the dedup ones compete (on a tie - no token with
+    two experts behind one destination - they cost the same bytes). Every branch
+    costs: under `lax.switch` its VJP residuals are carried, zero-filled, by all.
+  - top_k == 1 leaves nothing to deduplicate: the plain ones.
+  - On a mesh with one node (or one device per node) a hierarchical strategy is its
+    flat twin plus a hop that only copies rows locally: flat only, so nothing is
+    left to decide.
   """
+  flat, hier = ("flat_dedup", "hier_dedup") if top_k > 1 else ("flat", "hier")
   if shape.nodes == 1 or shape.local == 1:
-    return ("flat", "flat_dedup")
-  return STRATEGIES
+    return (flat,)
+  return (flat, hier)
 
 
-def choose(peaks: dict, profile: cost.CostProfile, *, shape: MeshShape, d_model: int,
-           bytes_per_elem: int):
-  """(index into STRATEGIES of the cheapest candidate, predicted ms per strategy)."""
+def choose(peaks: dict, profile: cost.CostProfile, names: tuple[str, ...], *,
+           shape: MeshShape, d_model: int, bytes_per_elem: int):
+  """(position in `names` of the cheapest, predicted ms of every strategy)."""
   predicted = {name: jnp.asarray(cost.predict_from_peak_rows(
       name, peaks[name], profile, shape, d_model, bytes_per_elem), jnp.float32)
       for name in STRATEGIES}
-  names = candidates(shape)
-  best = jnp.argmin(jnp.stack([predicted[name] for name in names]))
-  index = jnp.asarray([STRATEGIES.index(name) for name in names], jnp.int32)[best]
-  return index, predicted
+  return jnp.argmin(jnp.stack([predicted[name] for name in names])), predicted
+
+
+def run_cheapest(branch: Callable[[str], Callable], operands: tuple, slots_TK, *,
+                 profile: cost.CostProfile, shape: MeshShape, experts_per_device: int,
+                 top_k: int, d_model: int, bytes_per_elem: int):
+  """branch(name)(*operands) for the candidate the model prices cheapest on this
+  call's routing; returns (its output, its index in STRATEGIES, predicted ms).
+
+  With one candidate there is nothing to decide: it runs alone, without the two
+  reductions, and predicted ms is {} (as for a fixed strategy).
+  """
+  names = candidates(shape, top_k)
+  if len(names) == 1:
+    return branch(names[0])(*operands), jnp.int32(STRATEGIES.index(names[0])), {}
+  peaks = live_peaks(slots_TK, shape=shape, experts_per_device=experts_per_device)
+  position, predicted = choose(peaks, profile, names, shape=shape, d_model=d_model,
+                               bytes_per_elem=bytes_per_elem)
+  out = jax.lax.switch(position, [branch(name) for name in names], *operands)
+  index = jnp.asarray([STRATEGIES.index(name) for name in names], jnp.int32)[position]
+  return out, index, predicted
