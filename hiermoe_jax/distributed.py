@@ -58,6 +58,7 @@ Calling `initialize()` again is a no-op.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -154,8 +155,10 @@ class _Watchdog:
 
   Two daemon threads: `_beat` talks to the key-value store (it may block for long
   in an RPC when the coordinator's host is gone), `_check` only reads timestamps, so
-  the bound holds either way. Daemon threads keep running while Python exits, which
-  covers JAX's shutdown barrier.
+  the bound holds either way. At exit (`stop`) JAX's shutdown barrier runs while
+  they still watch, then both end before Python finalizes: a daemon thread that
+  comes back from a C++ RPC during finalization is unwound through C++ frames and
+  aborts the process ("FATAL: exception not rethrown").
   """
 
   def __init__(self, client, process_id: int, num_processes: int, timeout_s: int):
@@ -168,15 +171,34 @@ class _Watchdog:
     self.last_ok = now  # the store answered an RPC begun then
     self.last_failed = None  # an RPC begun then failed
     self.in_flight = None  # an RPC begun then has not returned yet
+    self.stopped = threading.Event()
+    self.threads = []
 
   def start(self) -> None:
     for target in (self._beat, self._check):
-      threading.Thread(target=target, name=f"hiermoe-watchdog{target.__name__}",
-                       daemon=True).start()
+      thread = threading.Thread(target=target, name=f"hiermoe-watchdog{target.__name__}",
+                                daemon=True)
+      thread.start()
+      self.threads.append(thread)
+    # atexit runs this before JAX's own clean-up (registered when jax was imported).
+    atexit.register(self.stop)
+
+  def stop(self) -> None:
+    """Shuts JAX's distributed runtime down (its barrier waits for every process, so
+    a dead one is still caught here), then ends both threads."""
+    try:
+      jax.distributed.shutdown()
+    finally:
+      self.stopped.set()
+      for thread in self.threads:
+        thread.join(timeout=self.timeout)
+
+  def _running(self) -> bool:
+    return not self.stopped.is_set() and jax.distributed.is_initialized()
 
   def _beat(self) -> None:
     count = 0
-    while jax.distributed.is_initialized():
+    while self._running():
       began = self.in_flight = time.monotonic()
       try:
         self.client.key_value_set(f"{_ALIVE_DIR}{self.me}", str(count), allow_overwrite=True)
@@ -191,7 +213,7 @@ class _Watchdog:
         self.last_ok = began
       self.in_flight = None
       count += 1
-      time.sleep(self.interval)
+      self.stopped.wait(self.interval)
 
   def silent(self, now: float) -> tuple[int, str] | None:
     """(process, what) if a process has been silent for the timeout, else None."""
@@ -207,7 +229,7 @@ class _Watchdog:
     return None
 
   def _check(self) -> None:
-    while jax.distributed.is_initialized():
+    while self._running():
       found = self.silent(time.monotonic())
       if found is not None:
         peer, what = found
@@ -217,7 +239,7 @@ class _Watchdog:
         # Not sys.exit: the main thread may be blocked in a collective or in JAX's
         # shutdown barrier, and atexit would wait for the dead peer.
         os._exit(PEER_LOST_EXIT)
-      time.sleep(self.interval / 2)
+      self.stopped.wait(self.interval / 2)
 
 
 def _start_watchdog(timeout_s: int) -> None:
