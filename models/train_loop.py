@@ -118,12 +118,9 @@ def swap_controller(cfg: Config, model: Model) -> SwapController | None:
   tc = cfg.train
   if not tc.swap_interval:
     return None
-  try:
-    profile = cost_lib.load_profile(tc.swap_profile)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"train.swap_profile={tc.swap_profile!r} is invalid: {e}") from None
   search_config = SearchConfig(
-      profile=profile, d_model=cfg.model.d_model, d_ff=cfg.moe.d_ff,
+      profile=cost_lib.load_profile(tc.swap_profile),  # TrainConfig checked it loads
+      d_model=cfg.model.d_model, d_ff=cfg.moe.d_ff,
       bytes_per_elem=np.dtype(cfg.model.dtype).itemsize,
       param_bytes_per_elem=np.dtype(cfg.model.param_dtype).itemsize, optimizer_slots=2,
       steps_until_next_decision=tc.swap_interval, max_pairs=tc.swap_max_pairs,

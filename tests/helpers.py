@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,3 +101,9 @@ def bruteforce_kept(config, mesh, tokens_per_device):
                    expert_cap=caps.expert)
     return jnp.asarray(np.array(sim["kept"]).reshape(-1, config.top_k)), sim
   return kept_fn
+
+
+def shared_dir(tmp_path_factory) -> pathlib.Path:
+  """A directory of this pytest session that every xdist worker sees."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base

@@ -24,7 +24,7 @@ from models.config import ConfigError, load_config
 from models.metrics import read_metrics
 from models.steps import Model
 from models.train_loop import NonFiniteError, build_mesh, run, save_checkpoint
-from test_train import ROOT, TINY, cache_dir  # noqa: F401 (cache_dir is a fixture)
+from test_train import ROOT, TINY
 
 STEPS = 30  # runs stop (or are stopped) well before it
 SMALL = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "moe.d_ff=32",

@@ -26,6 +26,7 @@ from models.checkpoint import Checkpointer
 from models.config import load_config
 from models.metrics import read_metrics
 from models.train_loop import run
+from helpers import shared_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -36,27 +37,11 @@ MESH_2X4 = ["mesh.nodes=2", "mesh.local=4"]
 MESH_1X8 = ["mesh.nodes=1", "mesh.local=8"]
 
 
-def shared_dir(tmp_path_factory) -> pathlib.Path:
-  """A directory of this pytest session that every xdist worker sees."""
-  base = tmp_path_factory.getbasetemp()
-  return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
-
-
 @contextlib.contextmanager
 def file_lock(path):
   with open(path, "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     yield
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  path = shared_dir(tmp_path_factory) / "hiermoe_jax_cache"
-  path.mkdir(exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield path
-  jax.config.update("jax_compilation_cache_dir", None)
 
 
 @pytest.fixture(scope="session")
