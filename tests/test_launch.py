@@ -82,14 +82,12 @@ def test_prefixes_output_and_sets_child_environment():
     [line] = [l for l in lines if l.startswith(f"[{rank}] ")]
     assert f"rank={rank} of 3 at 127.0.0.1:" in line
     # The inherited device count is replaced, other XLA flags are kept.
-    assert line.endswith("flags=--xla_dump_to=/x "
-                         "--xla_cpu_enable_concurrency_optimized_scheduler=false "
-                         "--xla_force_host_platform_device_count=2")
+    assert line.endswith("flags=--xla_dump_to=/x --xla_force_host_platform_device_count=2")
     assert f"[{rank}] to stderr {rank}" in err.splitlines()
   assert len(lines) == 3
 
 
-def test_simulated_cpu_flags_keep_a_user_choice():
+def test_simulated_cpu_flags_keep_other_flags():
   flags = distributed.simulated_cpu_flags(
       "--xla_cpu_enable_concurrency_optimized_scheduler=true "
       "--xla_force_host_platform_device_count=8", 4)
