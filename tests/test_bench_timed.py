@@ -41,10 +41,26 @@ def test_every_strategy_round_trips_tokens(mesh_name):
                                err_msg=name)
 
 
+@pytest.mark.parametrize("kind", ["flat", "inter", "intra"])
+def test_fit_stage_step_round_trips_token_rows(kind):
+  """Gather T token rows into a buffer, there and back, scatter-add: y_t = 2 * n_t * x_t
+  where n_t counts the buffer rows filled from token t on that device."""
+  mesh = mesh_of("2x4")
+  tokens, rows = 6, 24
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((8 * tokens, 4)).astype(np.float32)
+  src = rng.integers(0, tokens, (8 * rows,)).astype(np.int32)
+  fn = timed.stage_step(mesh, kind)
+  y = np.asarray(fn(timed.global_array(mesh, x), timed.global_array(mesh, src)))
+  counts = np.stack([np.bincount(src[d * rows:(d + 1) * rows], minlength=tokens)
+                     for d in range(8)]).reshape(-1, 1)
+  np.testing.assert_allclose(y, 2 * counts * x, rtol=1e-6, atol=1e-6)
+
+
 def test_fit_profile_on_mesh():
   mesh = mesh_of("2x4")
   profile, details = timed.fit_profile(mesh, d_model=16, dtype="float32", max_bytes=64 * 1024,
-                                       points=3, repeats=2, warmup=1)
+                                       points=3, repeats=2, warmup=1, tokens=8)
   assert isinstance(profile, cost.CostProfile)
   assert set(details) == set(cost.STAGE_KINDS)
   assert all(len(d["bytes"]) == 3 for d in details.values())

@@ -251,7 +251,7 @@ def timed(args) -> dict | None:
       max_bytes = max(_stage_bytes_of(timed_lib, ids, n, shape, args, bpe) for n in names)
     profile, fit_details = timed_lib.fit_profile(
         mesh, d_model=args.hidden, dtype=args.dtype, max_bytes=max_bytes,
-        points=args.fit_points, repeats=args.repeats, warmup=args.warmup,
+        points=args.fit_points, repeats=args.repeats, warmup=args.warmup, tokens=args.tokens,
         name=f"fitted on mesh {shape.nodes}x{shape.local}, {report['config']['processes']} "
              f"process(es), D={args.hidden}, {args.dtype}")
     if leader:

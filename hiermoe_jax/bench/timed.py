@@ -304,18 +304,24 @@ def benchmark(mesh, ids_DTK: np.ndarray, *, strategies: list[str], num_experts: 
 # ----------------------------------------------------------------------------- fitting
 
 def stage_step(mesh, kind: str) -> Callable:
-  """One stage each way, as an exchange hop does it: gather rows, all-to-all over
-  the kind's axes; then the same back (dispatch + combine)."""
+  """One stage each way, as an exchange hop does it: gather token rows into the
+  buffer (`permute`), all-to-all over the kind's axes; then back, and scatter-add
+  the rows into the tokens (`unpermute`). The buffer is filled from a [T, D]
+  token array, as in the exchange: the scatter-add writes T rows, not the buffer's
+  P * C (a bare buffer round trip over-prices large stages on CPU by ~15-35%)."""
   import jax
   import jax.numpy as jnp
   from hiermoe_jax.mesh import sharded_rows
+  from hiermoe_jax.permute import permute, unpermute
   axes = _KIND_AXES[kind]
 
-  def device(buf_SD, perm_S):
-    out_SD = jax.lax.all_to_all(buf_SD[perm_S], axes, 0, 0, tiled=True)
+  def device(x_TD, src_S):
+    buf_SD = permute(x_TD, src_S)
+    out_SD = jax.lax.all_to_all(buf_SD, axes, 0, 0, tiled=True)
     back_SD = jax.lax.all_to_all(out_SD * jnp.asarray(2, out_SD.dtype), axes, 0, 0,
                                  tiled=True)
-    return jnp.zeros_like(buf_SD).at[perm_S].add(back_SD)
+    return unpermute(back_SD, src_S, jnp.ones(src_S.shape, back_SD.dtype),
+                     num_tokens=x_TD.shape[0])
 
   spec = sharded_rows(2)
   return jax.jit(jax.shard_map(device, mesh=mesh, in_specs=(spec, sharded_rows(1)),
@@ -329,11 +335,14 @@ def _fit_rows(max_bytes: int, points: int, group: int, d_model: int, bpe: int) -
 
 
 def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
-                repeats: int, warmup: int, name: str = "") -> tuple[cost.CostProfile, dict]:
+                repeats: int, warmup: int, tokens: int,
+                name: str = "") -> tuple[cost.CostProfile, dict]:
   """Sweeps message sizes per stage kind, fits alpha/beta; returns (profile, details).
 
   Message sizes are geometric from max_bytes / 2**(points-1)... max_bytes, in bytes of
-  one stage (group * rows per peer * D * bytes per element, as in `cost`).
+  one stage (group * rows per peer * D * bytes per element, as in `cost`). Each
+  buffer is gathered from, and added back into, `tokens` rows per device (the
+  benchmark's T), each token filling several buffer rows as dedup'd routing does.
   """
   shape = MeshShape.of(mesh)
   bpe = 2 if dtype == "bfloat16" else 4
@@ -354,13 +363,13 @@ def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
     group = cost.group_size(kind, shape)
     for rows in rows_list:
       per_device = group * rows
-      buf = rng.standard_normal((shape.devices * per_device, d_model), dtype=np.float32)
+      x = rng.standard_normal((shape.devices * tokens, d_model), dtype=np.float32)
       if dtype == "bfloat16":
         import jax.numpy as jnp
-        buf = buf.astype(jnp.bfloat16)
-      perm = np.concatenate([rng.permutation(per_device) for _ in range(shape.devices)])
+        x = x.astype(jnp.bfloat16)
+      src = rng.integers(0, tokens, (shape.devices * per_device,), dtype=np.int32)
       fn = stage_step(mesh, kind)
-      args = (global_array(mesh, buf), global_array(mesh, perm.astype(np.int32)))
+      args = (global_array(mesh, x), global_array(mesh, src))
       key = f"{kind}:{rows}"
       steps[key] = functools.partial(fn, *args)
       meta[key] = (kind, cost.stage_bytes(group, rows, d_model, bpe))
