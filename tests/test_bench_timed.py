@@ -42,19 +42,27 @@ def test_every_strategy_round_trips_tokens(mesh_name):
 
 
 @pytest.mark.parametrize("kind", ["flat", "inter", "intra"])
-def test_fit_stage_step_round_trips_token_rows(kind):
-  """Gather T token rows into a buffer, there and back, scatter-add: y_t = 2 * n_t * x_t
-  where n_t counts the buffer rows filled from token t on that device."""
+def test_fit_stage_is_one_full_hop(kind):
+  """stage_routing sends exactly `rows` pairs to every peer of the hop, and the hop
+  round-trips them: y_t = x_t * (sum of t's routed weights)."""
   mesh = mesh_of("2x4")
-  tokens, rows = 6, 24
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((8 * tokens, 4)).astype(np.float32)
-  src = rng.integers(0, tokens, (8 * rows,)).astype(np.int32)
-  fn = timed.stage_step(mesh, kind)
-  y = np.asarray(fn(timed.global_array(mesh, x), timed.global_array(mesh, src)))
-  counts = np.stack([np.bincount(src[d * rows:(d + 1) * rows], minlength=tokens)
-                     for d in range(8)]).reshape(-1, 1)
-  np.testing.assert_allclose(y, 2 * counts * x, rtol=1e-6, atol=1e-6)
+  shape = MeshShape.of(mesh)
+  tokens, rows = 6, 5
+  ids = timed.stage_routing(shape, kind, tokens, rows)
+  peers = cost.group_size(kind, shape)
+  for d in range(shape.devices):
+    routed = ids[d][ids[d] >= 0]
+    along = {"flat": routed, "inter": routed // shape.local, "intra": routed % shape.local}[kind]
+    assert np.bincount(along, minlength=peers).tolist() == [rows] * peers
+    if kind != "flat":  # the hop stays on its tier
+      same = routed % shape.local == d % shape.local if kind == "inter" else \
+          routed // shape.local == d // shape.local
+      assert same.all()
+  x, slots, w = timed.routed_inputs(ids, 4, "float32", seed=0)
+  fn = timed.stage_step(mesh, kind, rows)
+  y = np.asarray(fn(*(timed.global_array(mesh, a) for a in (x, slots, w, x))))
+  np.testing.assert_allclose(y, x * np.where(slots >= 0, w, 0).sum(-1, keepdims=True),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_fit_profile_on_mesh():

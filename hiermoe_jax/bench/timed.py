@@ -16,8 +16,8 @@ barrier.
 mask einsum under jit, with a sharding constraint moving the expert dim onto
 ("node", "local"), so XLA inserts the all-to-all (and the reverse for combine).
 
-`fit_profile` times bare all-to-all stages of each kind (flat, inter, intra) over
-a sweep of message sizes and fits alpha, beta per kind (`cost.fit_stage`).
+`fit_profile` times one exchange hop of each kind (flat, inter, intra) over a sweep
+of message sizes and fits alpha, beta per kind (`cost.fit_stage`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ import numpy as np
 from hiermoe_jax import cost, distributed, traffic
 from hiermoe_jax.config import ConfigError
 from hiermoe_jax.dispatch import exchange, get_strategy
-from hiermoe_jax.mesh import AXES, LOCAL, NODE, MeshShape
+from hiermoe_jax.dispatch.base import Strategy
+from hiermoe_jax.mesh import AXES, MeshShape
 
-_KIND_AXES = {"flat": AXES, "inter": NODE, "intra": LOCAL}
+_KIND_TIER = {"flat": "device", "inter": "node", "intra": "local"}
 
 
 def start(mesh_arg: tuple[int, int] | None):
@@ -130,13 +131,13 @@ def _with_backward(forward: Callable, backward: bool) -> Callable:
   return step
 
 
-def exchange_step(mesh, strategy: str, hop_caps: tuple[int, ...], num_experts: int,
+def exchange_step(mesh, strategy: str | Strategy, hop_caps: tuple[int, ...], num_experts: int,
                   backward: bool) -> Callable:
   """jit(step)(x, slots, w, ct) running one strategy's dispatch + combine."""
   import jax
   from hiermoe_jax.mesh import sharded_rows
   layout = exchange.Layout(MeshShape.of(mesh), num_experts)
-  strat = get_strategy(strategy)
+  strat = get_strategy(strategy) if isinstance(strategy, str) else strategy
 
   def device(x_TD, slots_TK, w_TK):
     y_TD, _ = exchange.run(x_TD, slots_TK, w_TK, strategy=strat, hop_caps=hop_caps,
@@ -303,29 +304,34 @@ def benchmark(mesh, ids_DTK: np.ndarray, *, strategies: list[str], num_experts: 
 
 # ----------------------------------------------------------------------------- fitting
 
-def stage_step(mesh, kind: str) -> Callable:
-  """One stage each way, as an exchange hop does it: gather token rows into the
-  buffer (`permute`), all-to-all over the kind's axes; then back, and scatter-add
-  the rows into the tokens (`unpermute`). The buffer is filled from a [T, D]
-  token array, as in the exchange: the scatter-add writes T rows, not the buffer's
-  P * C (a bare buffer round trip over-prices large stages on CPU by ~15-35%)."""
-  import jax
-  import jax.numpy as jnp
-  from hiermoe_jax.mesh import sharded_rows
-  from hiermoe_jax.permute import permute, unpermute
-  axes = _KIND_AXES[kind]
+def stage_step(mesh, kind: str, capacity: int) -> Callable:
+  """jit(step)(x, slots, w, ct): one hop of the kind's tier each way, run by the
+  exchange engine itself (gather into the buffer, metadata and row all-to-alls,
+  stand-in experts, back, scatter-add into the tokens), so a fitted stage prices
+  the bookkeeping a strategy's hop does too. One expert per device; feed it
+  `stage_routing` (one row per (token, expert) pair)."""
+  strategy = Strategy(f"{kind}_stage", (_KIND_TIER[kind],), dedup=False)
+  return exchange_step(mesh, strategy, (capacity,), MeshShape.of(mesh).devices,
+                       backward=False)
 
-  def device(x_TD, src_S):
-    buf_SD = permute(x_TD, src_S)
-    out_SD = jax.lax.all_to_all(buf_SD, axes, 0, 0, tiled=True)
-    back_SD = jax.lax.all_to_all(out_SD * jnp.asarray(2, out_SD.dtype), axes, 0, 0,
-                                 tiled=True)
-    return unpermute(back_SD, src_S, jnp.ones(src_S.shape, back_SD.dtype),
-                     num_tokens=x_TD.shape[0])
 
-  spec = sharded_rows(2)
-  return jax.jit(jax.shard_map(device, mesh=mesh, in_specs=(spec, sharded_rows(1)),
-                               out_specs=spec))
+def stage_routing(shape: MeshShape, kind: str, tokens: int, rows: int) -> np.ndarray:
+  """[devices, tokens, K] expert ids (one expert per device) sending exactly `rows`
+  pairs from every device to every peer of the kind's hop (self included);
+  K = ceil(peers * rows / tokens), surplus entries -1 (not routed)."""
+  tier = _KIND_TIER[kind]
+  peers = cost.group_size(kind, shape)
+  top_k = -(-peers * rows // tokens)
+  device = np.arange(shape.devices)[:, None]
+  peer = np.broadcast_to(np.arange(tokens * top_k) % peers, (shape.devices, tokens * top_k))
+  if tier == "device":
+    dest = peer
+  elif tier == "node":
+    dest = peer * shape.local + device % shape.local
+  else:
+    dest = (device // shape.local) * shape.local + peer
+  dest = np.where(np.arange(tokens * top_k) < peers * rows, dest, -1)
+  return dest.reshape(shape.devices, tokens, top_k).astype(np.int32)
 
 
 def _fit_rows(max_bytes: int, points: int, group: int, d_model: int, bpe: int) -> list[int]:
@@ -340,9 +346,8 @@ def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
   """Sweeps message sizes per stage kind, fits alpha/beta; returns (profile, details).
 
   Message sizes are geometric from max_bytes / 2**(points-1)... max_bytes, in bytes of
-  one stage (group * rows per peer * D * bytes per element, as in `cost`). Each
-  buffer is gathered from, and added back into, `tokens` rows per device (the
-  benchmark's T), each token filling several buffer rows as dedup'd routing does.
+  one stage (group * rows per peer * D * bytes per element, as in `cost`). Each is
+  a real hop (`stage_step`) from `tokens` tokens per device (the benchmark's T).
   """
   shape = MeshShape.of(mesh)
   bpe = 2 if dtype == "bfloat16" else 4
@@ -357,19 +362,14 @@ def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
       raise ConfigError(f"fit_profile: max_bytes={max_bytes} is invalid: {kind} stages "
                         f"({cost.group_size(kind, shape)} peers, D={d_model}) get one message "
                         "size only; use a larger --fit-max-mb")
-  rng = np.random.default_rng(0)
   steps, meta = {}, {}
   for kind, rows_list in rows_by_kind.items():
     group = cost.group_size(kind, shape)
     for rows in rows_list:
-      per_device = group * rows
-      x = rng.standard_normal((shape.devices * tokens, d_model), dtype=np.float32)
-      if dtype == "bfloat16":
-        import jax.numpy as jnp
-        x = x.astype(jnp.bfloat16)
-      src = rng.integers(0, tokens, (shape.devices * per_device,), dtype=np.int32)
-      fn = stage_step(mesh, kind)
-      args = (global_array(mesh, x), global_array(mesh, src))
+      ids = stage_routing(shape, kind, tokens, rows)
+      x, slots, w = routed_inputs(ids, d_model, dtype, seed=0)
+      fn = stage_step(mesh, kind, rows)
+      args = [global_array(mesh, a) for a in (x, slots, w, x)]
       key = f"{kind}:{rows}"
       steps[key] = functools.partial(fn, *args)
       meta[key] = (kind, cost.stage_bytes(group, rows, d_model, bpe))
