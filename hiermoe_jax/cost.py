@@ -181,13 +181,25 @@ def load_profile(name_or_path: str | os.PathLike) -> CostProfile:
   return CostProfile.load(text)
 
 
+def stage_time_ms(kind: str, peak_rows, profile: CostProfile, shape: MeshShape,
+                  d_model: int, bytes_per_elem: int):
+  """Dispatch + combine time (ms) of one stage: 2 * (alpha + beta * stage bytes).
+
+  A stage over a mesh axis of size 1 (`inter` on a 1xG mesh) crosses no link, but
+  its hop still gathers the rows into a buffer and scatters them back, so it is
+  priced like any other. A profile fitted on such a mesh times exactly that local
+  hop (`bench_comm.py --fit-profile`); one fitted across nodes overprices it.
+  """
+  nbytes = stage_bytes(group_size(kind, shape), peak_rows, d_model, bytes_per_elem)
+  return 2 * profile.stage(kind).time_ms(nbytes)
+
+
 def predict_from_peak_rows(strategy: str, peak_rows_per_hop: Sequence, profile: CostProfile,
                            shape: MeshShape, d_model: int, bytes_per_elem: int):
   """Predicted dispatch + combine time (ms) from each hop's peak rows per peer.
 
   peak_rows_per_hop: one entry per hop of the strategy (flat kinds: 1, hier: 2),
   the most rows any device sends to one peer (or the hop's buffer capacity).
-  A stage over a mesh axis of size 1 (e.g. `inter` on a 1xG mesh) costs nothing.
   Entries may be Python numbers or jnp scalars (traceable; no Python branching
   on their values), so `auto` can call this inside jit.
   """
@@ -195,14 +207,8 @@ def predict_from_peak_rows(strategy: str, peak_rows_per_hop: Sequence, profile: 
   if len(peak_rows_per_hop) != len(kinds):
     raise ValueError(f"peak_rows_per_hop has {len(peak_rows_per_hop)} entries; strategy "
                      f"{strategy!r} has {len(kinds)} stages {kinds}")
-  total = 0.0
-  for kind, rows in zip(kinds, peak_rows_per_hop):
-    group = group_size(kind, shape)
-    if group == 1:  # an all-to-all over one device is a local copy: no communication
-      continue
-    nbytes = stage_bytes(group, rows, d_model, bytes_per_elem)
-    total = total + 2 * profile.stage(kind).time_ms(nbytes)  # dispatch + combine
-  return total
+  return sum((stage_time_ms(kind, rows, profile, shape, d_model, bytes_per_elem)
+              for kind, rows in zip(kinds, peak_rows_per_hop)), 0.0)
 
 
 def peak_rows_per_hop(strategy: str, traffic_entry: Mapping) -> tuple:

@@ -43,17 +43,21 @@ def test_every_strategy_round_trips_tokens(mesh_name):
 
 @pytest.mark.parametrize("kind", ["flat", "inter", "intra"])
 def test_fit_stage_is_one_full_hop(kind):
-  """stage_routing sends exactly `rows` pairs to every peer of the hop, and the hop
+  """stage_routing sends exactly `rows` rows to every peer of the hop, and the hop
   round-trips them: y_t = x_t * (sum of t's routed weights)."""
   mesh = mesh_of("2x4")
   shape = MeshShape.of(mesh)
-  tokens, rows = 6, 5
+  tokens, rows = 6, 7  # more rows per peer than tokens: stage_routing adds tokens
   ids = timed.stage_routing(shape, kind, tokens, rows)
   peers = cost.group_size(kind, shape)
+  peer_of = {"flat": lambda e: e, "inter": lambda e: e // shape.local,
+             "intra": lambda e: e % shape.local}[kind]
   for d in range(shape.devices):
     routed = ids[d][ids[d] >= 0]
-    along = {"flat": routed, "inter": routed // shape.local, "intra": routed % shape.local}[kind]
-    assert np.bincount(along, minlength=peers).tolist() == [rows] * peers
+    assert np.bincount(peer_of(routed), minlength=peers).tolist() == [rows] * peers
+    for entries in ids[d]:  # dedup: a token sends one row per peer, so its peers differ
+      token_peers = peer_of(entries[entries >= 0])
+      assert len(set(token_peers.tolist())) == len(token_peers)
     if kind != "flat":  # the hop stays on its tier
       same = routed % shape.local == d % shape.local if kind == "inter" else \
           routed // shape.local == d // shape.local
@@ -65,8 +69,10 @@ def test_fit_stage_is_one_full_hop(kind):
                              rtol=1e-5, atol=1e-6)
 
 
-def test_fit_profile_on_mesh():
-  mesh = mesh_of("2x4")
+@pytest.mark.parametrize("mesh_name", ["2x4", "1x8"])
+def test_fit_profile_on_mesh(mesh_name):
+  """Every stage kind is timed and fitted, a local hop (inter on 1x8) included."""
+  mesh = mesh_of(mesh_name)
   profile, details = timed.fit_profile(mesh, d_model=16, dtype="float32", max_bytes=64 * 1024,
                                        points=3, repeats=2, warmup=1, tokens=8)
   assert isinstance(profile, cost.CostProfile)

@@ -126,8 +126,10 @@ def test_fit_clamps_negative_intercept():
     cost.fit_stage([1e6, 1e6], [1.0, 1.1])
 
 
-def test_stage_over_one_device_is_free():
-  # On a 1x8 mesh the inter hop of hier_dedup stays on the device.
-  only_intra = 2 * (0.25 + 1e-6 * 8 * 9 * 64)
+def test_stage_over_one_device_is_priced_as_its_local_hop():
+  # On a 1x8 mesh the inter hop of hier_dedup stays on the device, but it still
+  # gathers and scatters its 100 rows: priced with the profile's inter entry.
+  local_hop = 2 * (0.5 + 4e-6 * 1 * 100 * 64)
+  intra = 2 * (0.25 + 1e-6 * 8 * 9 * 64)
   assert cost.predict("hier_dedup", (100, 9), PROFILE, mesh_shape=(1, 8), d_model=16,
-                      bytes_per_elem=4) == pytest.approx(only_intra)
+                      bytes_per_elem=4) == pytest.approx(local_hop + intra)

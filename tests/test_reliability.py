@@ -154,6 +154,8 @@ def test_on_nan_skip_keeps_the_state_and_goes_on(tmp_path, cache_dir, bad_batch,
   assert ("warning: step 2: non-finite loss (loss=nan, aux_loss=" in err
           and "skipped the update (train.on_nan=skip)" in err), err
   assert err.count("non-finite") == 1
+  # The logged lr is the one optax applies: the skipped step does not advance it.
+  assert records[2]["lr"] == records[1]["lr"] and records[3]["lr"] < records[2]["lr"]
 
   one, two, three = restored(cfg, tmp_path, (1, 2, 3))
   assert int(two.step) == 2  # the batch is consumed: step 3 reads batch 2

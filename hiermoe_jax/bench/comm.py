@@ -258,12 +258,9 @@ def timed(args) -> dict | None:
       profile.save(args.fit_profile)
       print(f"# fitted profile -> {args.fit_profile}")
       for kind, d in fit_details.items():
-        if "r2" in d:
-          print(f"  {kind:<6} alpha {d['alpha_ms']:.3f} ms  beta {d['beta_ms_per_byte']:.3e} "
-                f"ms/B ({1e-6 / max(d['beta_ms_per_byte'], 1e-30):.2f} GB/s)  r^2 "
-                f"{d['r2']:.3f}")
-        else:
-          print(f"  {kind:<6} copied from {d['copied_from']} ({d['reason']})")
+        print(f"  {kind:<6} alpha {d['alpha_ms']:.3f} ms  beta {d['beta_ms_per_byte']:.3e} "
+              f"ms/B ({1e-6 / max(d['beta_ms_per_byte'], 1e-30):.2f} GB/s)  r^2 "
+              f"{d['r2']:.3f}")
     report["config"]["profile"] = args.fit_profile
     report["fit"] = fit_details
     if args.fit_only:

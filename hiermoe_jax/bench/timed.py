@@ -305,22 +305,24 @@ def benchmark(mesh, ids_DTK: np.ndarray, *, strategies: list[str], num_experts: 
 # ----------------------------------------------------------------------------- fitting
 
 def stage_step(mesh, kind: str, capacity: int) -> Callable:
-  """jit(step)(x, slots, w, ct): one hop of the kind's tier each way, run by the
-  exchange engine itself (gather into the buffer, metadata and row all-to-alls,
-  stand-in experts, back, scatter-add into the tokens), so a fitted stage prices
-  the bookkeeping a strategy's hop does too. One expert per device; feed it
-  `stage_routing` (one row per (token, expert) pair)."""
-  strategy = Strategy(f"{kind}_stage", (_KIND_TIER[kind],), dedup=False)
+  """jit(step)(x, slots, w, ct): one dedup hop of the kind's tier each way, run by
+  the exchange engine itself (gather into the buffer, metadata and row
+  all-to-alls, stand-in experts, back, scatter-add into the tokens), so a fitted
+  stage prices the bookkeeping a strategy's hop does too. One expert per device;
+  feed it `stage_routing`."""
+  strategy = Strategy(f"{kind}_stage", (_KIND_TIER[kind],), dedup=True)
   return exchange_step(mesh, strategy, (capacity,), MeshShape.of(mesh).devices,
                        backward=False)
 
 
 def stage_routing(shape: MeshShape, kind: str, tokens: int, rows: int) -> np.ndarray:
-  """[devices, tokens, K] expert ids (one expert per device) sending exactly `rows`
-  pairs from every device to every peer of the kind's hop (self included);
-  K = ceil(peers * rows / tokens), surplus entries -1 (not routed)."""
+  """[devices, T', K] expert ids (one expert per device) for which every device
+  sends exactly `rows` rows to every peer of the kind's hop (self included): T' =
+  max(tokens, rows) tokens, each routed to K = ceil(peers * rows / T') distinct
+  peers (entries past peers * rows are -1, not routed)."""
   tier = _KIND_TIER[kind]
   peers = cost.group_size(kind, shape)
+  tokens = max(tokens, rows)
   top_k = -(-peers * rows // tokens)
   device = np.arange(shape.devices)[:, None]
   peer = np.broadcast_to(np.arange(tokens * top_k) % peers, (shape.devices, tokens * top_k))
@@ -347,16 +349,19 @@ def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
 
   Message sizes are geometric from max_bytes / 2**(points-1)... max_bytes, in bytes of
   one stage (group * rows per peer * D * bytes per element, as in `cost`). Each is
-  a real hop (`stage_step`) from `tokens` tokens per device (the benchmark's T).
+  a real dedup hop (`stage_step`) from the benchmark's T tokens per device (more
+  when a stage needs more rows per peer than T). On CPU this prices a strategy
+  better than a bare all-to-all round trip, whose scatter into P*C buffer rows
+  made large stages look ~15-35% dearer than hops that scatter into T tokens.
   """
   shape = MeshShape.of(mesh)
   bpe = 2 if dtype == "bfloat16" else 4
-  rows_by_kind = {kind: _fit_rows(max_bytes, points, cost.group_size(kind, shape), d_model, bpe)
-                  for kind in cost.STAGE_KINDS
-                  if cost.group_size(kind, shape) > 1}  # no stage over one device (inter on 1xG)
-  if not rows_by_kind:
+  if shape.devices == 1:
     raise ConfigError(f"fit_profile: mesh {shape.nodes}x{shape.local} is invalid: a profile "
                       "is fitted on all-to-alls, which need >= 2 devices")
+  # A kind over one device (inter on 1xG) is timed too: its hop is a local copy.
+  rows_by_kind = {kind: _fit_rows(max_bytes, points, cost.group_size(kind, shape), d_model, bpe)
+                  for kind in cost.STAGE_KINDS}
   for kind, rows_list in rows_by_kind.items():
     if len(rows_list) < 2:  # a line needs two sizes; say so before timing anything
       raise ConfigError(f"fit_profile: max_bytes={max_bytes} is invalid: {kind} stages "
@@ -377,18 +382,10 @@ def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
   stages, details = {}, {}
   for kind in cost.STAGE_KINDS:
     keys = [k for k in steps if meta[k][0] == kind]
-    if not keys:
-      continue
     nbytes = np.array([meta[k][1] for k in keys], np.float64)
     per_stage = np.array([np.median(times[k]) / 2 for k in keys])  # 2 stages per call
     fitted, r2 = cost.fit_stage(nbytes, per_stage)
     stages[kind] = fitted
     details[kind] = {"alpha_ms": fitted.alpha_ms, "beta_ms_per_byte": fitted.beta_ms_per_byte,
                      "r2": r2, "bytes": nbytes.tolist(), "stage_ms": per_stage.tolist()}
-  # A kind absent from this mesh (group of 1) borrows the flat fit, and says so.
-  for kind in cost.STAGE_KINDS:
-    if kind not in stages:
-      stages[kind] = stages["flat"]
-      details[kind] = {"copied_from": "flat", "reason": f"group size 1 on mesh "
-                       f"{shape.nodes}x{shape.local}"}
   return cost.CostProfile(**stages, name=name), details

@@ -207,12 +207,8 @@ def smooth_max(x, g: float = 10.0) -> float:
 
 
 def _stage_time(kind: str, smax, config: SearchConfig, shape: MeshShape):
-  group = cost_lib.group_size(kind, shape)
-  if group == 1:  # as in cost.predict_from_peak_rows: a local copy
-    return 0.0
-  stage = config.profile.stage(kind)
-  return 2 * stage.time_ms(cost_lib.stage_bytes(group, smax, config.d_model,
-                                                config.bytes_per_elem))
+  return cost_lib.stage_time_ms(kind, smax, config.profile, shape, config.d_model,
+                                config.bytes_per_elem)
 
 
 def _objectives(hits_ME, shape: MeshShape, tokens: int, config: SearchConfig):
