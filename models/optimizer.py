@@ -28,6 +28,16 @@ def learning_rate(cfg: TrainConfig) -> optax.Schedule:
   return schedule
 
 
+def applied_updates(opt_state) -> jax.Array:
+  """The updates optax has applied: the count its learning-rate schedule reads.
+
+  Not the train step: a skipped non-finite step (train.on_nan=skip) advances the
+  step but keeps the optimizer state, so the schedule does not move."""
+  is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)
+  [state] = [s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+  return state.count
+
+
 def _decay_mask(params):
   """Weight decay on matrices only: not on norm scales (or any vector)."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 import hiermoe_jax as hm
 from hiermoe_jax import mesh as mesh_lib
 from models.config import Config
-from models.optimizer import learning_rate, make_optimizer
+from models.optimizer import applied_updates, learning_rate, make_optimizer
 from models.transformer import Transformer, moe_aux_by_layer
 
 
@@ -125,7 +125,7 @@ class Model:
     placements = [self._placement(state.buffers, i) for i in range(len(auxes))]
     metrics = StepMetrics(
         loss=ce, aux_loss=aux_loss, grad_norm=grad_norm,
-        lr=self.schedule(state.step),
+        lr=self.schedule(applied_updates(state.opt_state)),  # the lr this update uses
         dedup_node=_stack([a.dedup_rate["node"] for a in auxes]),
         dedup_device=_stack([a.dedup_rate["device"] for a in auxes]),
         dropped=_stack([a.dropped for a in auxes]),
