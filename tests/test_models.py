@@ -171,8 +171,8 @@ def test_transformer_layers_forward_and_aux():
 
   @nnx.jit
   def forward(model, tokens):
-    logits = model(tokens)
-    return logits, moe_aux_by_layer(nnx.pop(model, nnx.Intermediate))
+    logits, intermediates = nnx.capture(model, nnx.Intermediate)(tokens)
+    return logits, moe_aux_by_layer(intermediates)
 
   logits, auxes = forward(model, tokens)
   assert logits.shape == (8, 12, 256) and logits.dtype == jnp.float32
