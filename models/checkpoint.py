@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state: asynchronous, atomic, keep the last K.
 
 A checkpoint holds the whole TrainState (params, optimizer state, router biases,
-expert placements, step = data position, train RNG) plus a JSON record (data
-position, the config it was written with). Restoring reads into the shardings of
+expert placements, step = data position, train RNG), a JSON record (data
+position, the config it was written with) and, with expert swaps on, the swap
+controller's routing window (so a resumed run decides as an uninterrupted one). Restoring reads into the shardings of
 the *current* mesh, so a run saved on 2x4 resumes on 1x8.
 
 Crash safety: Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it
@@ -15,15 +16,22 @@ step that no longer reads back (truncated or corrupt files) is moved aside by
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
   """No checkpoint of the run reads back; the message names each directory."""
+
+
+class Restored(NamedTuple):
+  state: Any
+  meta: dict
+  swap_windows: dict | None  # {item key: int32 host ids}; None if not saved
 
 
 class Checkpointer:
@@ -41,20 +49,29 @@ class Checkpointer:
   def step_dir(self, step: int) -> pathlib.Path:
     return self.directory / str(step)
 
-  def save(self, step: int, state: Any, meta: dict) -> None:
-    """Starts an asynchronous save; training continues while it is written."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  def save(self, step: int, state: Any, meta: dict, swap_windows: dict | None = None) -> None:
+    """Starts an asynchronous save; training continues while it is written.
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    swap_windows: {string key: host array}, identical on every process."""
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if swap_windows:
+      items["swap_windows"] = ocp.args.StandardSave(swap_windows)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> Restored:
     """Reads step `step` into the shardings that `abstract_state` carries."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+    items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    saved_windows = (self.step_dir(step) / "swap_windows").exists()
+    if saved_windows:
+      items["swap_windows"] = ocp.args.StandardRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    windows = ({k: np.asarray(v) for k, v in restored["swap_windows"].items()}
+               if saved_windows else None)
+    return Restored(restored["state"], restored["meta"], windows)
 
   def restore_latest(self, abstract_state: Any, *, check: Callable[[int, dict], None],
-                     warn: Callable[[str], None]) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) of the newest step that reads back; None without checkpoints.
+                     warn: Callable[[str], None]) -> tuple[int, Restored] | None:
+    """(step, what it holds) of the newest step that reads back; None without checkpoints.
 
     check(step, meta) raises if the record does not fit the step. Newer steps that fail
     to read are moved aside to `<step>.corrupt` (kept for inspection, out of
@@ -64,8 +81,8 @@ class Checkpointer:
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:  # Orbax and TensorStore raise many types for a damaged file
-        state, meta = self.restore(step, abstract_state)
-        check(step, meta)
+        restored = self.restore(step, abstract_state)
+        check(step, restored.meta)
       except Exception as e:
         failures.append((self.step_dir(step), e))
         continue
@@ -75,7 +92,7 @@ class Checkpointer:
              f"{moved.name} and resumed from the previous good step {step}")
       if failures:
         self.manager.reload()
-      return step, state, meta
+      return step, restored
     if failures:
       listing = "; ".join(f"{path}: {_one_line(error)}" for path, error in failures)
       raise CheckpointError(f"no checkpoint in {self.directory} reads back ({listing}); "

@@ -213,19 +213,25 @@ def _on_nonfinite(on_nan: str, record: dict, checkpointer: Checkpointer, lead: b
       + (f"{checkpointer.step_dir(latest)}" if latest is not None else "none"))
 
 
-def save_checkpoint(checkpointer: Checkpointer, step: int, state: TrainState, meta: dict) -> None:
-  """Starts the save of `step`; refuses a state holding NaN/Inf (never checkpointed)."""
+def save_checkpoint(checkpointer: Checkpointer, step: int, state: TrainState, meta: dict,
+                    controller: SwapController | None = None) -> None:
+  """Starts the save of `step` (with the swap controller's routing window, if any);
+  refuses a state holding NaN/Inf (never checkpointed)."""
   bad = nonfinite_leaves(state)
   if bad:
     latest = checkpointer.latest_step()
     raise NonFiniteError(f"step {step}: the train state holds NaN/Inf in {bad[0]}"
                          + (f" and {len(bad) - 1} more leaves" if len(bad) > 1 else "")
                          + f"; not checkpointing it (latest checkpoint: step {latest})")
-  checkpointer.save(step, state, {**meta, "data_position": step})
+  windows = ({f"layer_{layer}": ids for layer, ids in controller.windows().items()}
+             if controller is not None else None)
+  checkpointer.save(step, state, {**meta, "data_position": step}, swap_windows=windows)
 
 
-def _resume(model: Model, checkpointer: Checkpointer, lead: bool) -> tuple[TrainState, int]:
-  """The newest checkpoint that reads back, or a fresh state at step 0."""
+def _resume(model: Model, checkpointer: Checkpointer, controller: SwapController | None,
+            lead: bool) -> tuple[TrainState, int]:
+  """The newest checkpoint that reads back (its swap window restored into
+  `controller`), or a fresh state at step 0."""
   def check(step, meta):
     if meta.get("data_position") != step:
       raise CheckpointError(f"it records data_position={meta.get('data_position')}")
@@ -233,8 +239,11 @@ def _resume(model: Model, checkpointer: Checkpointer, lead: bool) -> tuple[Train
                                       warn=lambda message: _log(message, lead))
   if found is None:
     return model.init_state(), 0
-  step, state, _ = found
-  return state, step
+  step, restored = found
+  if controller is not None and restored.swap_windows:
+    controller.restore_windows({int(key.removeprefix("layer_")): ids
+                                for key, ids in restored.swap_windows.items()})
+  return restored.state, step
 
 
 def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = None,
@@ -262,7 +271,7 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
   controller = swap_controller(cfg, model)
   checkpointer = Checkpointer(run_dir, keep=tc.keep)
   try:
-    state, start = _resume(model, checkpointer, lead)
+    state, start = _resume(model, checkpointer, controller, lead)
     if start:
       _log(f"resumed from step {start} in {run_dir} on a "
            f"{mesh.shape['node']}x{mesh.shape['local']} mesh", verbose)
@@ -358,7 +367,7 @@ class _Loop:
     interrupted = self.signals.requested()
     if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or (
         interrupted):
-      save_checkpoint(self.checkpointer, done, state, meta)
+      save_checkpoint(self.checkpointer, done, state, meta, self.controller)
     if interrupted:
       self.checkpointer.wait()
       _log(f"stopped by {signal.Signals(interrupted).name} after step {done}: saved "

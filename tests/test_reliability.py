@@ -57,7 +57,7 @@ def restored(cfg, run_dir, steps):
   abstract = Model(cfg, build_mesh(cfg)).abstract_state()
   checkpointer = Checkpointer(run_dir, keep=10)
   try:
-    return [jax.device_get(checkpointer.restore(s, abstract)[0]) for s in steps]
+    return [jax.device_get(checkpointer.restore(s, abstract).state) for s in steps]
   finally:
     checkpointer.close()
 

@@ -65,7 +65,7 @@ def saved_state(run_dir, step):
   model = Model(cfg, build_mesh(cfg))
   checkpointer = Checkpointer(run_dir, keep=10)
   try:
-    state, meta = checkpointer.restore(step, model.abstract_state())
+    state, meta, _ = checkpointer.restore(step, model.abstract_state())
   finally:
     checkpointer.close()
   assert meta["data_position"] == step
@@ -200,7 +200,7 @@ def test_deepseek_style_layers_update_and_checkpoint_router_biases(tmp_path, cac
   from models.train_loop import build_mesh
   checkpointer = Checkpointer(tmp_path, keep=1)
   try:
-    saved, _ = checkpointer.restore(1, Model(cfg, build_mesh(cfg)).abstract_state())
+    saved = checkpointer.restore(1, Model(cfg, build_mesh(cfg)).abstract_state()).state
   finally:
     checkpointer.close()
   np.testing.assert_array_equal(saved.buffers["blocks"][1]["ffn"]["router_bias"][...], bias)
@@ -258,6 +258,28 @@ def test_expert_swaps_follow_the_same_trajectory(reference, tmp_path):
         a, moved = a[logical[layer]], moved + 1
     np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=name)
   assert moved == 2 * 3 * 3  # 2 layers x (gate, up, down) x (param, mu, nu)
+
+
+def test_resumed_swaps_decide_as_uninterrupted_ones(tmp_path):
+  """The swap controller's routing window is checkpointed: with a window of 4 steps and a
+  decision every 2, a run stopped after step 5 and resumed takes, at steps 6 and 8, the
+  decisions of a run that never stopped (without the saved window, step 6 would see only
+  its own routing)."""
+  cfg = load_config(TINY, BASE + MESH_2X4 + [
+      "train.swap_interval=2", "train.swap_window=4", "train.swap_migration_cost=false",
+      "train.swap_max_pairs=2"])
+  def swaps(run_dir):
+    return {r["step"]: [(e["layer"], e["pairs"]) for e in r["swaps"]]
+            for r in read_metrics(run_dir)}
+  whole = run(cfg, tmp_path / "whole", stop_after=8, verbose=False)
+  run(cfg, tmp_path / "split", stop_after=EVERY, verbose=False)
+  resumed = run(cfg, tmp_path / "split", stop_after=8 - EVERY, verbose=False)
+  assert resumed.start_step == EVERY
+  expected, got = swaps(tmp_path / "whole"), swaps(tmp_path / "split")
+  assert expected[6] or expected[8], "no swap after the resume point: nothing compared"
+  assert got == expected
+  for a, b in zip(leaves(resumed.state), leaves(whole.state)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_plot_metrics(reference, tmp_path):

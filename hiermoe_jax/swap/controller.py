@@ -131,20 +131,34 @@ class SwapController:
     Keeps a reference only (no device-to-host copy until a decision)."""
     self._windows.setdefault(layer, collections.deque(maxlen=self.window)).append(topk_ids)
 
-  def window_ids(self, layer: Hashable) -> np.ndarray | None:
-    """The layer's window as int32 [N*G, W*T, K] host ids (None if nothing observed)."""
-    entries = self._windows.get(layer)
-    if not entries:
-      return None
+  def _steps(self, layer: Hashable) -> list[np.ndarray]:
+    """The layer's observed steps as int32 [N*G, T, K] host ids, oldest first."""
     per_step = []
-    for ids in entries:
+    for ids in self._windows.get(layer, ()):
       ids = host_ids(ids)
       top_k = ids.shape[-1]
       if ids.size % (self.shape.devices * top_k):
         raise ValueError(f"layer {layer!r}: topk_ids of shape {ids.shape} do not split over "
                          f"{self.shape.devices} devices")
       per_step.append(ids.reshape(self.shape.devices, -1, top_k).astype(np.int32))
-    return np.concatenate(per_step, axis=1)
+    return per_step
+
+  def window_ids(self, layer: Hashable) -> np.ndarray | None:
+    """The layer's window as int32 [N*G, W*T, K] host ids (None if nothing observed)."""
+    per_step = self._steps(layer)
+    return np.concatenate(per_step, axis=1) if per_step else None
+
+  def windows(self) -> dict[Hashable, np.ndarray]:
+    """Every layer's window as int32 host ids [steps kept, N*G, T, K], for a
+    checkpoint (a collective in multi-process runs: call it on every process)."""
+    return {layer: np.stack(self._steps(layer))
+            for layer, entries in self._windows.items() if entries}
+
+  def restore_windows(self, windows: Mapping[Hashable, np.ndarray]) -> None:
+    """Replaces the windows with saved ones (`windows()`), so a resumed run decides
+    as the uninterrupted one would; keeps the last `window` steps of each."""
+    self._windows = {layer: collections.deque(np.asarray(steps), maxlen=self.window)
+                     for layer, steps in windows.items()}
 
   def due(self, step: int) -> bool:
     """Whether `maybe_swap(step, ...)` decides (step = optimizer steps done)."""
