@@ -125,12 +125,13 @@ class TrainConfig:
   swap_profile: str = "default"  # cost profile: "default", "paper_a6000" or a JSON path
   swap_migration_cost: bool = True  # false: migration priced at 0 (any predicted gain swaps)
   on_nan: str = "stop"  # NaN/Inf loss or gradients: "stop" the run or "skip" the update
+  nan_skip_limit: int = 10  # on_nan=skip: stop after this many skips in a row (0 = never)
   drop_warning: float = 0.01  # warn when a layer drops more than this fraction of its pairs
 
   def __post_init__(self):
     _check_ints("train", self, ("batch_size", "seq_len", "steps", "eval_batches", "keep"))
     _check_ints("train", self, ("warmup_steps", "eval_every", "checkpoint_every", "swap_interval",
-                                "swap_window", "swap_max_pairs"), low=0)
+                                "swap_window", "swap_max_pairs", "nan_skip_limit"), low=0)
     _check_ints("train", self, ("seed",), low=0, high=SEED_LIMIT - 1)
     _check_real("train.lr", self.lr, "> 0", lambda v: v > 0)
     _check_real("train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1)

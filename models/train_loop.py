@@ -7,7 +7,8 @@ several (one per node: the mesh's "node" axis is the processes); each process
 builds and feeds only its own rows of every global batch.
 
 Reliability: a step whose loss or gradients are NaN/Inf never updates the state; with
-train.on_nan=skip the run goes on, with "stop" it raises NonFiniteError. SIGTERM and
+train.on_nan=skip the run goes on (for up to train.nan_skip_limit such steps in a
+row), with "stop" it raises NonFiniteError. SIGTERM and
 SIGINT stop the run after the current step with a synchronous checkpoint
 (RunResult.interrupted names the signal). A checkpoint is only written from an
 all-finite state, and resuming skips damaged checkpoints (models/checkpoint.py).
@@ -200,16 +201,21 @@ def _nonfinite_summary(record: dict) -> str:
           f"({', '.join(f'{n}={record[n]:.4g}' for n in names)})")
 
 
-def _on_nonfinite(on_nan: str, record: dict, checkpointer: Checkpointer, lead: bool) -> None:
-  """The step's update was not applied (steps.py); warn, or raise to stop the run."""
+def _on_nonfinite(tc, record: dict, skipped_in_a_row: int, checkpointer: Checkpointer,
+                  lead: bool) -> None:
+  """The step's update was not applied (steps.py); warn, or raise to stop the run:
+  with on_nan=stop, or with skip once more than nan_skip_limit steps in a row failed
+  (a run that diverged for good would otherwise go on doing nothing)."""
   what = f"step {record['step']}: non-finite {_nonfinite_summary(record)}"
-  if on_nan == "skip":
+  limit = tc.nan_skip_limit
+  if tc.on_nan == "skip" and (not limit or skipped_in_a_row <= limit):
     _log(f"warning: {what}; skipped the update (train.on_nan=skip)", lead)
     return
+  why = ("train.on_nan=stop, --on-nan skip skips such steps" if tc.on_nan == "stop" else
+         f"{skipped_in_a_row} non-finite steps in a row, over train.nan_skip_limit={limit}")
   latest = checkpointer.latest_step()
   raise NonFiniteError(
-      f"{what}; stopped without applying the update (train.on_nan=stop, --on-nan skip "
-      "skips such steps); latest checkpoint: "
+      f"{what}; stopped without applying the update ({why}); latest checkpoint: "
       + (f"{checkpointer.step_dir(latest)}" if latest is not None else "none"))
 
 
@@ -302,6 +308,7 @@ class _Loop:
   lead: bool
   verbose: bool
   last_drop_warning: int | None = None  # step of the last capacity warning
+  nonfinite_in_a_row: int = 0
 
   def run(self, state, start, train_batches, eval_batches, stop_after) -> RunResult:
     model, tc = self.model, self.model.cfg.train
@@ -334,8 +341,9 @@ class _Loop:
       self.log.write(record)
       self.bar.update(done, record["loss"], eval_loss)
       self._check_drops(record)
+      self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if record["nonfinite"] else 0
       if record["nonfinite"]:
-        _on_nonfinite(tc.on_nan, record, self.checkpointer, self.lead)
+        _on_nonfinite(tc, record, self.nonfinite_in_a_row, self.checkpointer, self.lead)
       interrupted = self._checkpoint(done, state, meta)
       if interrupted or (stop_after is not None and done - start >= stop_after):
         break

@@ -108,7 +108,7 @@ RUN_CASES = {
               "eval_batches": "0", "checkpoint_every": "-5", "keep": "0",
               "swap_interval": "-1", "swap_window": "-1", "swap_max_pairs": "-1",
               "swap_profile": "", "swap_migration_cost": "maybe", "on_nan": "maybe",
-              "drop_warning": "1.5"},
+              "nan_skip_limit": "-1", "drop_warning": "1.5"},
     "data": {"path": "", "eval_fraction": "1", "token_dtype": "int8"},
     "mesh": {"nodes": "0", "local": "-1"},
 }

@@ -122,14 +122,15 @@ class Cli:
 
 @pytest.fixture
 def bad_batch(monkeypatch):
-  """install(i): training batch i carries out-of-vocabulary targets, as a corrupt shard
-  would; the cross entropy's gather reads NaN for them, so that step's loss is NaN."""
-  def install(index):
+  """install(i, ...): training batches i, ... carry out-of-vocabulary targets, as a
+  corrupt shard would; the cross entropy's gather reads NaN for them, so those steps'
+  losses are NaN."""
+  def install(*indices):
     rows = data_lib.Batches.rows
 
     def corrupted(self, batch, start=0, stop=None):
       inputs, targets = rows(self, batch, start, stop)
-      if self.shuffle and batch == index:
+      if self.shuffle and batch in indices:
         targets = targets.copy()
         targets[:, -1] = self.vocab_size
       return inputs, targets
@@ -169,6 +170,17 @@ def test_on_nan_skip_keeps_the_state_and_goes_on(tmp_path, cache_dir, bad_batch,
   assert not np.array_equal(three.params["embed"]["embedding"][...],
                             two.params["embed"]["embedding"][...])
   assert int(result.state.step) == 4
+
+
+def test_on_nan_skip_stops_after_nan_skip_limit_in_a_row(tmp_path, cache_dir, bad_batch):
+  """Batches 2-4 are corrupt and train.nan_skip_limit=2: steps 3 and 4 are skipped,
+  step 5 (the third in a row) stops the run, naming the limit."""
+  bad_batch(2, 3, 4)
+  cfg = in_process("train.on_nan=skip", "train.nan_skip_limit=2")
+  with pytest.raises(NonFiniteError, match=r"step 5: non-finite loss .* \(3 non-finite steps "
+                     r"in a row, over train.nan_skip_limit=2\); latest checkpoint: .*/4$"):
+    run(cfg, tmp_path, stop_after=6, verbose=False)
+  assert [r["nonfinite"] for r in read_metrics(tmp_path)] == [False, False, True, True, True]
 
 
 def test_on_nan_stop_exits_3_naming_the_step(tmp_path, cache_dir, bad_batch, capsys):
