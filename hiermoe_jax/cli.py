@@ -21,7 +21,7 @@ from typing import Callable
 from hiermoe_jax.config import SEED_LIMIT, ConfigError
 
 __all__ = ["ArgumentParser", "ConfigError", "integer", "real", "seed", "mesh_shape",
-           "output_file", "output_dir"]
+           "check_topk", "check_experts_fit", "check_profile", "output_file", "output_dir"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -80,6 +80,27 @@ def mesh_shape(text: str) -> tuple[int, int]:
           and int(local) >= 1):
     raise _invalid(text, "expected NxG with N, G >= 1, e.g. 2x4")
   return int(nodes), int(local)
+
+
+def check_topk(top_k: int, experts: int) -> None:
+  if top_k > experts:
+    raise ConfigError(f"--topk={top_k} is invalid: must be <= --experts={experts}")
+
+
+def check_experts_fit(experts: int, nodes: int, local: int) -> None:
+  """Experts spread evenly over the mesh's devices."""
+  if experts % (nodes * local):
+    raise ConfigError(f"--experts={experts} is invalid: must be a multiple of the "
+                      f"{nodes * local} devices of the {nodes}x{local} mesh")
+
+
+def check_profile(name: str) -> None:
+  """--profile names a shipped cost profile or a readable profile JSON."""
+  from hiermoe_jax import cost
+  try:
+    cost.load_profile(name)
+  except ConfigError as e:
+    raise ConfigError(f"--profile={name!r} is invalid: {e}") from None
 
 
 def output_file(text: str) -> str:

@@ -18,8 +18,9 @@ def parse_routing(spec: str) -> tuple[str, float | str | None]:
       alpha = float(spec[5:])
     except ValueError:
       alpha = -1.0
-    if not alpha >= 0:
-      raise ValueError(f"--routing {spec!r}: zipf needs an exponent >= 0, e.g. zipf:1.2")
+    if not (np.isfinite(alpha) and alpha >= 0):
+      raise ValueError(f"--routing={spec!r} is invalid: zipf needs an exponent that is a "
+                       "finite number >= 0, e.g. zipf:1.2")
     return "zipf", alpha
   if spec.startswith("file:") and spec.endswith(".npy"):
     return "file", spec[5:]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -78,20 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def check_mesh(p: argparse.ArgumentParser, args, nodes: int, local: int) -> None:
-  if args.experts % (nodes * local):
-    p.error(f"--experts={args.experts} is invalid: must be a multiple of the {nodes * local} "
-            f"devices of --mesh {nodes}x{local}")
-
-
 def check_routing(p: argparse.ArgumentParser, spec: str, tokens: int, top_k: int) -> None:
   """--routing parses; a file: routing is a readable [N*G, T, K] integer array."""
   try:
     kind, arg = synthetic.parse_routing(spec)
   except ValueError as e:
     p.error(str(e))
-  if kind == "zipf" and not math.isfinite(arg):
-    p.error(f"--routing={spec!r} is invalid: zipf needs a finite exponent >= 0, e.g. zipf:1.2")
   if kind != "file":
     return
   if not os.path.isfile(arg):
@@ -114,8 +105,7 @@ def routing(spec: str, **kwargs):
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-  if args.topk > args.experts:
-    p.error(f"--topk={args.topk} is invalid: must be <= --experts={args.experts}")
+  cli.check_topk(args.topk, args.experts)
   check_routing(p, args.routing, args.tokens, args.topk)
   valid = config_lib.DISPATCH if args.analytic else config_lib.DISPATCH + BASELINES
   names = args.strategies.split(",")
@@ -133,10 +123,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     p.error(f"--gspmd-group={args.gspmd_group} is invalid: must divide --tokens={args.tokens}")
   uses_profile = "auto" in names if args.analytic else not args.fit_profile
   if uses_profile:
-    try:
-      cost.load_profile(args.profile)
-    except ConfigError as e:
-      p.error(f"--profile={args.profile!r} is invalid: {e}")
+    cli.check_profile(args.profile)
 
 
 def analytic(args, ids=None) -> dict:
@@ -227,9 +214,7 @@ def timed(args) -> dict | None:
   shape = MeshShape.of(mesh)
   leader = timed_lib.is_leader()
   args.mesh = (shape.nodes, shape.local)
-  if args.experts % shape.devices:
-    raise ConfigError(f"--experts={args.experts} is invalid: must be a multiple of the "
-                      f"{shape.devices} devices of the {shape.nodes}x{shape.local} mesh")
+  cli.check_experts_fit(args.experts, shape.nodes, shape.local)
   bpe = 2 if args.dtype == "bfloat16" else 4
   args.bytes_per_elem = bpe
   names = args.strategies.split(",")
@@ -308,23 +293,22 @@ def _stage_bytes_of(timed_lib, ids, name, shape, args, bpe) -> int:
 def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
-  check_args(parser, args)
+  try:  # ConfigError is bad input (some found only once the mesh is known), not a bug
+    check_args(parser, args)
+    if args.analytic:
+      args.mesh = args.mesh or DEFAULT_MESH
+    if args.mesh is not None:  # before JAX starts
+      cli.check_experts_fit(args.experts, *args.mesh)
+    report = analytic(args) if args.analytic else timed(args)
+  except ConfigError as e:
+    parser.error(str(e))
   if args.analytic:
-    args.mesh = args.mesh or DEFAULT_MESH
-    check_mesh(parser, args, *args.mesh)
-    report = analytic(args)
     cfg = report["config"]
     print(f"# analytic traffic: mesh {cfg['mesh']}, E={cfg['experts']}, K={cfg['topk']}, "
           f"T={cfg['tokens']}/device, D={cfg['hidden']}, routing {cfg['routing']}")
     print(table(report))
     _write_json(report, args.json)
     return 0
-  if args.mesh is not None:
-    check_mesh(parser, args, *args.mesh)
-  try:
-    report = timed(args)
-  except ConfigError as e:  # bad input found once the mesh is known; not a bug
-    parser.error(str(e))
   if report is None:  # not rank 0
     return 0
   cfg = report["config"]

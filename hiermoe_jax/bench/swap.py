@@ -99,20 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
   """Everything checkable before JAX starts; the mesh-dependent rest raises ConfigError."""
-  from hiermoe_jax import cost
-  if args.topk > args.experts:
-    p.error(f"--topk={args.topk} is invalid: must be <= --experts={args.experts}")
+  cli.check_topk(args.topk, args.experts)
   try:
     kind, alpha = synthetic.parse_routing(args.routing)
   except ValueError as e:
     p.error(str(e))
-  if kind != "zipf" or not np.isfinite(alpha):
+  if kind != "zipf":
     p.error(f"--routing={args.routing!r} is invalid: bench_swap needs zipf:ALPHA with a "
             "finite ALPHA >= 0, e.g. zipf:1.2")
-  try:
-    cost.load_profile(args.profile)
-  except ConfigError as e:
-    p.error(f"--profile={args.profile!r} is invalid: {e}")
+  cli.check_profile(args.profile)
+  if args.mesh is not None:  # before JAX starts
+    cli.check_experts_fit(args.experts, *args.mesh)
 
 
 def run(args) -> dict | None:
@@ -128,9 +125,7 @@ def run(args) -> dict | None:
 
   shape = MeshShape.of(mesh)
   _, alpha = synthetic.parse_routing(args.routing)  # zipf: checked by check_args
-  if args.experts % shape.devices:
-    raise ConfigError(f"--experts={args.experts} is invalid: must be a multiple of the "
-                      f"{shape.devices} devices of the {shape.nodes}x{shape.local} mesh")
+  cli.check_experts_fit(args.experts, shape.nodes, shape.local)
   ffn = args.ffn or args.hidden
   steps = drifting_routing(devices=shape.devices, tokens=args.tokens, num_experts=args.experts,
                            top_k=args.topk, alpha=alpha, steps=args.steps + 1, seed=args.seed,
@@ -202,10 +197,10 @@ def table(report: dict) -> str:
 def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
-  check_args(parser, args)
-  try:
+  try:  # ConfigError is bad input (some found only once the mesh is known), not a bug
+    check_args(parser, args)
     report = run(args)
-  except ConfigError as e:  # bad input found once the mesh is known; not a bug
+  except ConfigError as e:
     parser.error(str(e))
   if report is not None:
     print(table(report))
