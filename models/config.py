@@ -220,24 +220,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
       return False
     _fail(key, value, "expected a boolean (true/false)")
-  if hint is int:
-    if isinstance(value, int) and not isinstance(value, bool):
-      return value
+  if hint in (int, float):
+    exact = (int,) if hint is int else (int, float)  # an int is a valid float, not vice versa
+    if isinstance(value, exact) and not isinstance(value, bool):
+      return hint(value)
     if isinstance(value, str):
       try:
-        return int(value)
+        return hint(value)
       except ValueError:
         pass
-    _fail(key, value, "expected an integer")
-  if hint is float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-    if isinstance(value, str):
-      try:
-        return float(value)
-      except ValueError:
-        pass
-    _fail(key, value, "expected a float")
+    _fail(key, value, "expected an integer" if hint is int else "expected a float")
   if hint is str:
     if isinstance(value, str):
       return value
