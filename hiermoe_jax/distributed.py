@@ -132,7 +132,8 @@ def launcher_env() -> tuple[str, int, int] | None:
                      f"set all of {LAUNCHER_VARS} (scripts/launch.py does) or none")
   num, pid = _int_env(NUM_PROCESSES), _int_env(PROCESS_ID)
   if not 0 <= pid < num:
-    raise ConfigError(f"{PROCESS_ID}={pid} is invalid: must satisfy 0 <= id < {NUM_PROCESSES}={num}")
+    raise ConfigError(f"{PROCESS_ID}={pid} is invalid: must satisfy "
+                      f"0 <= id < {NUM_PROCESSES}={num}")
   return os.environ[COORDINATOR], num, pid
 
 

@@ -8,15 +8,15 @@ Each child gets the variables `hiermoe_jax.distributed.initialize()` reads
 (coordinator address, process count, its process id, and with
 `--dead-host-timeout` the bound on noticing a dead peer) and
 XLA_FLAGS=--xla_force_host_platform_device_count=G (replacing any count inherited
-from this process; see `distributed.simulated_cpu_flags`). Output lines are prefixed with `[rank]`. When a child fails
-the others are stopped and the launcher exits with that child's code; at the
-timeout everything is stopped and it exits with 124. With `--keep-going` a
-failure stops nobody: the launcher waits for every child, reports each failure and
-exits with the first one's code. The survivors then end on their own, as on a
-cluster with no launcher to stop them (`hiermoe_jax.distributed`'s watchdog);
-that is what `--keep-going` is for. With `--inter-node-rate`,
-each child is a node in its own network namespace behind a shaped link
-(`hiermoe_jax.netns`); the namespaces are removed on every exit path.
+from this process; see `distributed.simulated_cpu_flags`). Output lines are
+prefixed with `[rank]`. When a child fails the others are stopped and the
+launcher exits with that child's code; at the timeout everything is stopped and
+it exits with 124. With `--keep-going` a failure stops nobody: the launcher waits
+for every child, reports each failure and exits with the first one's code. The
+survivors then end on their own, as on a cluster with no launcher to stop them
+(`hiermoe_jax.distributed`'s watchdog); that is what `--keep-going` is for. With
+`--inter-node-rate`, each child is a node in its own network namespace behind a
+shaped link (`hiermoe_jax.netns`); the namespaces are removed on every exit path.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A checkpoint holds the whole TrainState (params, optimizer state, router biases,
 expert placements, step = data position, train RNG), a JSON record (data
 position, the config it was written with) and, with expert swaps on, the swap
-controller's routing window (so a resumed run decides as an uninterrupted one). Restoring reads into the shardings of
-the *current* mesh, so a run saved on 2x4 resumes on 1x8.
+controller's routing window (so a resumed run decides as an uninterrupted one).
+Restoring reads into the shardings of the *current* mesh, so a run saved on 2x4
+resumes on 1x8.
 
 Crash safety: Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it
 to `<step>` once complete, so a process killed mid-save leaves the previous steps

@@ -29,7 +29,8 @@ def parse_args(argv=None):
   p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                  help="override a config key (repeatable)")
   p.add_argument("--steps", type=int, help="train.steps")
-  p.add_argument("--run-dir", type=cli.output_dir, help="checkpoints + metrics.jsonl (default runs/<config name>)")
+  p.add_argument("--run-dir", type=cli.output_dir,
+                 help="checkpoints + metrics.jsonl (default runs/<config name>)")
   p.add_argument("--checkpoint-every", type=int, help="train.checkpoint_every (0 = at the end)")
   p.add_argument("--keep", type=int, help="train.keep: checkpoints kept")
   p.add_argument("--data", help="data.path: text file/directory, or tokens in .bin/.npy")

@@ -62,8 +62,8 @@ def start(mesh_arg: tuple[int, int] | None):
   nodes, local = mesh_arg
   if jax.device_count() < nodes * local:
     raise ConfigError(f"--mesh={nodes}x{local} is invalid: it needs {nodes * local} devices; "
-                      f"JAX has {jax.device_count()} (set XLA_FLAGS={distributed.DEVICE_COUNT_FLAG}=N "
-                      "before start)")
+                      f"JAX has {jax.device_count()} (set "
+                      f"XLA_FLAGS={distributed.DEVICE_COUNT_FLAG}=N before start)")
   return make_mesh(nodes, local, devices=jax.devices()[: nodes * local])
 
 
