@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from hiermoe_jax import cli  # noqa: E402
+from hiermoe_jax.bench import cli  # noqa: E402
 from pallas_kernels import permute, permute_reference, unpermute, unpermute_reference  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import json
 import pathlib
 import sys
 
-from hiermoe_jax import cli
+from hiermoe_jax.bench import cli
 from models.metrics import read_metrics
 
 

@@ -5,7 +5,7 @@
 
 Every config key can be overridden with --set section.key=value (e.g. --set
 train.lr=1e-3 --set moe.top_k=4); the flags below are shortcuts. Multi-host: the
-same command under scripts/launch.py, SLURM or MPI (hiermoe_jax.distributed).
+same command under scripts/launch.py, SLURM or MPI (hiermoe_jax.cluster.distributed).
 
 Exit codes: 0 done; 2 invalid config; 3 NaN/Inf loss or gradients with --on-nan stop
 (the latest checkpoint is the last good one); 4 no checkpoint in --run-dir reads back;
@@ -22,7 +22,7 @@ import sys
 
 
 def parse_args(argv=None):
-  from hiermoe_jax import cli  # one-line errors with exit code 2
+  from hiermoe_jax.bench import cli  # one-line errors with exit code 2
   p = cli.ArgumentParser(description=__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="configs/tiny.yaml", help="YAML preset")
@@ -63,7 +63,7 @@ def overrides(args) -> list[str]:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from hiermoe_jax import distributed
+  from hiermoe_jax.cluster import distributed
   from models.checkpoint import CheckpointError
   from models.config import ConfigError, load_config
   from models.train_loop import NonFiniteError, run

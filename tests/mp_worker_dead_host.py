@@ -5,7 +5,7 @@
 
 Once all processes are up, the last one SIGKILLs itself. Process 0 then runs
 collectives over all devices (the first one fails or blocks); the others wait
-between steps. Nobody stops the survivors but `hiermoe_jax.distributed`'s watchdog.
+between steps. Nobody stops the survivors but `hiermoe_jax.cluster.distributed`'s watchdog.
 """
 
 import os
@@ -14,7 +14,7 @@ import time
 
 
 def main() -> None:
-  from hiermoe_jax import distributed
+  from hiermoe_jax.cluster import distributed
   distributed.initialize()
 
   import jax

@@ -56,7 +56,7 @@ SWAP_LAYERS, SWAP_STEPS, SWAP_INTERVAL = 2, 6, 2
 
 def swap_routing(step: int, layer: int, devices: int, config) -> np.ndarray:
   """Skewed logical ids [devices * TOKENS_PER_DEVICE, K] of one step and layer."""
-  from hiermoe_jax import synthetic
+  from hiermoe_jax.bench import synthetic
   ids = synthetic.routing("zipf:1.5", devices=devices, tokens=TOKENS_PER_DEVICE,
                           num_experts=config.num_experts, top_k=config.top_k,
                           seed=100 * step + layer)
@@ -110,7 +110,7 @@ def swap_decisions(mesh) -> dict[str, np.ndarray]:
 
 def start():
   """Initialises the distributed runtime, then returns the (process x device) mesh."""
-  from hiermoe_jax import distributed
+  from hiermoe_jax.cluster import distributed
   distributed.initialize()  # before anything touches JAX devices
 
   import jax

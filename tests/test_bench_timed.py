@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from hiermoe_jax import cost, synthetic
+from hiermoe_jax import cost
+from hiermoe_jax.bench import synthetic
 from hiermoe_jax.bench import timed
 from hiermoe_jax.mesh import MeshShape
 from tests.helpers import mesh_of

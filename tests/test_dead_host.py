@@ -4,7 +4,7 @@ dead-host bound instead of hanging, with no launcher stopping them.
 Three processes under `scripts/launch.py --keep-going --dead-host-timeout 10`
 (tests/mp_worker_dead_host.py): process 2 SIGKILLs itself after initialisation,
 process 0 is in a collective, process 1 between steps. Both survivors must end
-through `hiermoe_jax.distributed`'s watchdog: its one-line error, PEER_LOST_EXIT,
+through `hiermoe_jax.cluster.distributed`'s watchdog: its one-line error, PEER_LOST_EXIT,
 within the bound plus polling slack. (Without the watchdog, JAX would abort them
 only at its own heartbeat timeout, with a C++ stack trace.)
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hiermoe_jax import distributed
+from hiermoe_jax.cluster import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 BOUND_S = 10

@@ -17,7 +17,8 @@ import sys
 import pytest
 
 import hiermoe_jax as hm
-from hiermoe_jax import cli, cost
+from hiermoe_jax import cost
+from hiermoe_jax.bench import cli
 from hiermoe_jax.config import ConfigError
 from models import config as run_config
 

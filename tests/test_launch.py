@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hiermoe_jax import distributed, launcher, netns
+from hiermoe_jax.cluster import distributed, launcher, netns
 
 LAUNCH = Path(__file__).resolve().parents[1] / "scripts" / "launch.py"
 NETNS_MISSING = netns.unavailable_reason()

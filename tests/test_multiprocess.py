@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import hiermoe_jax as hm
-from hiermoe_jax import netns
+from hiermoe_jax.cluster import netns
 from hiermoe_jax.swap import SwapController
 
 import mp_worker_moe

@@ -12,7 +12,8 @@ import optax
 import pytest
 
 import hiermoe_jax as hm
-from hiermoe_jax import cost, synthetic
+from hiermoe_jax import cost
+from hiermoe_jax.bench import synthetic
 from hiermoe_jax import mesh as mesh_lib
 from hiermoe_jax.mesh import MeshShape
 from hiermoe_jax.swap import SearchConfig, SwapController, experts_under, search

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import hiermoe_jax as hm
-from hiermoe_jax import synthetic, traffic
+from hiermoe_jax import traffic
+from hiermoe_jax.bench import synthetic
 from hiermoe_jax.config import STRATEGIES
 from hiermoe_jax.dispatch import get_strategy
 from hiermoe_jax.dispatch.capacity import capacities

@@ -21,7 +21,8 @@ import sys
 
 import numpy as np
 
-from hiermoe_jax import cli, cost, synthetic, traffic
+from hiermoe_jax import cost, traffic
+from hiermoe_jax.bench import cli, synthetic
 from hiermoe_jax import config as config_lib
 from hiermoe_jax.config import STRATEGIES, ConfigError
 from hiermoe_jax.dispatch import auto

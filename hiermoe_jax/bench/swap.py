@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from hiermoe_jax import cli, synthetic
+from hiermoe_jax.bench import cli, synthetic
 from hiermoe_jax.config import ConfigError
 
 STRATEGY = "hier_dedup"

@@ -29,7 +29,8 @@ from typing import Callable
 
 import numpy as np
 
-from hiermoe_jax import cost, distributed, traffic
+from hiermoe_jax import cost, traffic
+from hiermoe_jax.cluster import distributed
 from hiermoe_jax.config import ConfigError
 from hiermoe_jax.dispatch import exchange, get_strategy
 from hiermoe_jax.dispatch.base import Strategy

@@ -6,7 +6,7 @@ defaults to nodes = process count and local = devices per process.
 
 `initialize()` picks one of three modes, in this order:
 
-1. Launcher mode: `scripts/launch.py` (see `hiermoe_jax.launcher`) sets
+1. Launcher mode: `scripts/launch.py` (see `hiermoe_jax.cluster.launcher`) sets
    HIERMOE_COORDINATOR ("host:port" of process 0), HIERMOE_NUM_PROCESSES and
    HIERMOE_PROCESS_ID in each child. These three are all that is needed; any set of
    processes that exports them (one per host, on a real cluster too) works.
@@ -128,8 +128,8 @@ def launcher_env() -> tuple[str, int, int] | None:
     return None
   if len(present) != len(LAUNCHER_VARS):
     missing = sorted(set(LAUNCHER_VARS) - set(present))
-    raise ConfigError(f"hiermoe_jax.distributed: {present} are set but {missing} are not; "
-                     f"set all of {LAUNCHER_VARS} (scripts/launch.py does) or none")
+    raise ConfigError(f"hiermoe_jax.cluster.distributed: {present} are set but {missing} "
+                      f"are not; set all of {LAUNCHER_VARS} (scripts/launch.py does) or none")
   num, pid = _int_env(NUM_PROCESSES), _int_env(PROCESS_ID)
   if not 0 <= pid < num:
     raise ConfigError(f"{PROCESS_ID}={pid} is invalid: must satisfy "

@@ -4,7 +4,7 @@
       [--inter-node-rate 1gbit] [--port P] [--timeout S] [--dead-host-timeout S] \\
       [--keep-going] -- COMMAND ...
 
-Each child gets the variables `hiermoe_jax.distributed.initialize()` reads
+Each child gets the variables `hiermoe_jax.cluster.distributed.initialize()` reads
 (coordinator address, process count, its process id, and with
 `--dead-host-timeout` the bound on noticing a dead peer) and
 XLA_FLAGS=--xla_force_host_platform_device_count=G (replacing any count inherited
@@ -14,9 +14,9 @@ launcher exits with that child's code; at the timeout everything is stopped and
 it exits with 124. With `--keep-going` a failure stops nobody: the launcher waits
 for every child, reports each failure and exits with the first one's code. The
 survivors then end on their own, as on a cluster with no launcher to stop them
-(`hiermoe_jax.distributed`'s watchdog); that is what `--keep-going` is for. With
+(`hiermoe_jax.cluster.distributed`'s watchdog); that is what `--keep-going` is for. With
 `--inter-node-rate`, each child is a node in its own network namespace behind a
-shaped link (`hiermoe_jax.netns`); the namespaces are removed on every exit path.
+shaped link (`hiermoe_jax.cluster.netns`); the namespaces are removed on every exit path.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import sys
 import threading
 import time
 
-from hiermoe_jax import distributed
-from hiermoe_jax import netns
+from hiermoe_jax.cluster import distributed
+from hiermoe_jax.cluster import netns
 
 TIMEOUT_EXIT = 124
 _STOP_GRACE_S = 5.0
