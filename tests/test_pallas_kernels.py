@@ -1,6 +1,6 @@
 """Tests for pallas_kernels.permute / unpermute (interpret mode on CPU) and their CUDA export.
 
-Shape legend: T tokens, R rows of the permuted buffer, D model dim.
+Shape legend: T tokens, S slots (rows of the permuted buffer), D model dim.
 """
 
 import functools
@@ -26,8 +26,8 @@ from pallas_kernels import (  # noqa: E402
 from pallas_kernels.permute import _resolve  # noqa: E402
 
 # Small sizes keep the interpreter fast. Blocks smaller than the arrays, with
-# ragged tails in both R/T and D, exercise multi-program grids and masking.
-T, D, R = 13, 200, 37
+# ragged tails in both S/T and D, exercise multi-program grids and masking.
+T, D, S = 13, 200, 37
 CFG = PermuteConfig(block_rows=8, block_d=128)
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -43,37 +43,37 @@ ATOL_REL_TO_MAX = 1e-5
 
 
 def assert_close(actual, desired):
-    actual, desired = np.asarray(actual), np.asarray(desired)
-    assert actual.dtype == desired.dtype, (actual.dtype, desired.dtype)
-    assert actual.shape == desired.shape, (actual.shape, desired.shape)
-    desired64 = desired.astype(np.float64)
-    atol = ATOL_REL_TO_MAX * float(np.max(np.abs(desired64), initial=0.0))
-    np.testing.assert_allclose(
-        actual.astype(np.float64), desired64, rtol=RTOL[jnp.dtype(actual.dtype)], atol=atol
-    )
+  actual, desired = np.asarray(actual), np.asarray(desired)
+  assert actual.dtype == desired.dtype, (actual.dtype, desired.dtype)
+  assert actual.shape == desired.shape, (actual.shape, desired.shape)
+  desired64 = desired.astype(np.float64)
+  atol = ATOL_REL_TO_MAX * float(np.max(np.abs(desired64), initial=0.0))
+  np.testing.assert_allclose(
+      actual.astype(np.float64), desired64, rtol=RTOL[jnp.dtype(actual.dtype)], atol=atol
+  )
 
 
 def normal(key, shape, dtype):
-    # Offset away from zero: a zero output must come from padding, never from data.
-    z = jax.random.normal(key, shape, jnp.float32)
-    return (z + jnp.where(z >= 0, 0.5, -0.5)).astype(dtype)
+  # Offset away from zero: a zero output must come from padding, never from data.
+  z = jax.random.normal(key, shape, jnp.float32)
+  return (z + jnp.where(z >= 0, 0.5, -0.5)).astype(dtype)
 
 
 def src_ids(key, num_rows, num_tokens):
-    """Random ids incl. repeats, -1 padding and out-of-range ids (-3, T, T + 5)."""
-    ids = jax.random.randint(key, (num_rows,), 0, num_tokens, jnp.int32)
-    return ids.at[:6].set(jnp.array([-1, -3, num_tokens, num_tokens + 5, 2, 2], jnp.int32))
+  """Random ids incl. repeats, -1 padding and out-of-range ids (-3, T, T + 5)."""
+  ids = jax.random.randint(key, (num_rows,), 0, num_tokens, jnp.int32)
+  return ids.at[:6].set(jnp.array([-1, -3, num_tokens, num_tokens + 5, 2, 2], jnp.int32))
 
 
 def dst_ids(key, num_rows, num_tokens):
-    """Like src_ids, but token num_tokens - 1 never receives a row (empty output row)."""
-    ids = jax.random.randint(key, (num_rows,), 0, num_tokens - 1, jnp.int32)
-    return ids.at[:6].set(jnp.array([-1, -3, num_tokens, num_tokens + 5, 2, 2], jnp.int32))
+  """Like src_ids, but token num_tokens - 1 never receives a row (empty output row)."""
+  ids = jax.random.randint(key, (num_rows,), 0, num_tokens - 1, jnp.int32)
+  return ids.at[:6].set(jnp.array([-1, -3, num_tokens, num_tokens + 5, 2, 2], jnp.int32))
 
 
 def valid_mask(ids, num_tokens):
-    ids = np.asarray(ids)
-    return (ids >= 0) & (ids < num_tokens)
+  ids = np.asarray(ids)
+  return (ids >= 0) & (ids < num_tokens)
 
 
 # ----------------------------------------------------------------- permute
@@ -81,52 +81,52 @@ def valid_mask(ids, num_tokens):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_permute_forward(dtype):
-    kx, ki = jax.random.split(jax.random.key(0))
-    x_TD = normal(kx, (T, D), dtype)
-    src_R = src_ids(ki, R, T)
-    buf_RD = permute(x_TD, src_R, config=CFG)
-    # A gather is exact in every dtype.
-    np.testing.assert_array_equal(np.asarray(buf_RD), np.asarray(permute_reference(x_TD, src_R)))
-    # Documented convention, checked independently of the reference.
-    ok = valid_mask(src_R, T)
-    assert not ok[:4].any() and ok[4:].all()
-    x_np = np.asarray(x_TD)
-    expected = np.where(ok[:, None], x_np[np.where(ok, src_R, 0)], 0).astype(x_np.dtype)
-    np.testing.assert_array_equal(np.asarray(buf_RD), expected)
-    assert np.asarray(buf_RD)[4:].any(axis=1).all()  # every routed row carries data
+  kx, ki = jax.random.split(jax.random.key(0))
+  x_TD = normal(kx, (T, D), dtype)
+  src_S = src_ids(ki, S, T)
+  buf_SD = permute(x_TD, src_S, config=CFG)
+  # A gather is exact in every dtype.
+  np.testing.assert_array_equal(np.asarray(buf_SD), np.asarray(permute_reference(x_TD, src_S)))
+  # Documented convention, checked independently of the reference.
+  ok = valid_mask(src_S, T)
+  assert not ok[:4].any() and ok[4:].all()
+  x_np = np.asarray(x_TD)
+  expected = np.where(ok[:, None], x_np[np.where(ok, src_S, 0)], 0).astype(x_np.dtype)
+  np.testing.assert_array_equal(np.asarray(buf_SD), expected)
+  assert np.asarray(buf_SD)[4:].any(axis=1).all()  # every routed row carries data
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_permute_vjp(dtype):
-    kx, ki, kc = jax.random.split(jax.random.key(1), 3)
-    x_TD = normal(kx, (T, D), dtype)
-    src_R = src_ids(ki, R, T)
-    dbuf_RD = normal(kc, (R, D), dtype)
-    _, vjp = jax.vjp(lambda x: permute(x, src_R, config=CFG), x_TD)
-    _, vjp_ref = jax.vjp(lambda x: permute_reference(x, src_R), x_TD)
-    (dx_TD,), (dx_ref_TD,) = vjp(dbuf_RD), vjp_ref(dbuf_RD)
-    assert_close(dx_TD, dx_ref_TD)
-    # Scatter-add semantics: padding / out-of-range rows send nothing anywhere.
-    ok = valid_mask(src_R, T)
-    expected = np.zeros((T, D))
-    np.add.at(expected, np.asarray(src_R)[ok], np.asarray(dbuf_RD, np.float64)[ok])
-    assert_close(dx_TD, expected.astype(dx_TD.dtype))
+  kx, ki, kc = jax.random.split(jax.random.key(1), 3)
+  x_TD = normal(kx, (T, D), dtype)
+  src_S = src_ids(ki, S, T)
+  dbuf_SD = normal(kc, (S, D), dtype)
+  _, vjp = jax.vjp(lambda x: permute(x, src_S, config=CFG), x_TD)
+  _, vjp_ref = jax.vjp(lambda x: permute_reference(x, src_S), x_TD)
+  (dx_TD,), (dx_ref_TD,) = vjp(dbuf_SD), vjp_ref(dbuf_SD)
+  assert_close(dx_TD, dx_ref_TD)
+  # Scatter-add semantics: padding / out-of-range rows send nothing anywhere.
+  ok = valid_mask(src_S, T)
+  expected = np.zeros((T, D))
+  np.add.at(expected, np.asarray(src_S)[ok], np.asarray(dbuf_SD, np.float64)[ok])
+  assert_close(dx_TD, expected.astype(dx_TD.dtype))
 
 
 def test_permute_num_rows_limits_rows():
-    kx, ki = jax.random.split(jax.random.key(2))
-    x_TD = normal(kx, (T, D), jnp.float32)
-    src_R = src_ids(ki, R, T)
-    buf = permute(x_TD, src_R, num_rows=20, config=CFG)
-    assert buf.shape == (20, D)
-    np.testing.assert_array_equal(
-        np.asarray(buf), np.asarray(permute(x_TD, src_R[:20], config=CFG))
-    )
-    np.testing.assert_array_equal(
-        np.asarray(buf), np.asarray(permute_reference(x_TD, src_R, num_rows=20))
-    )
-    assert permute(x_TD, src_R, num_rows=0, config=CFG).shape == (0, D)
-    assert permute(x_TD, src_R, num_rows=R, config=CFG).shape == (R, D)
+  kx, ki = jax.random.split(jax.random.key(2))
+  x_TD = normal(kx, (T, D), jnp.float32)
+  src_S = src_ids(ki, S, T)
+  buf = permute(x_TD, src_S, num_rows=20, config=CFG)
+  assert buf.shape == (20, D)
+  np.testing.assert_array_equal(
+      np.asarray(buf), np.asarray(permute(x_TD, src_S[:20], config=CFG))
+  )
+  np.testing.assert_array_equal(
+      np.asarray(buf), np.asarray(permute_reference(x_TD, src_S, num_rows=20))
+  )
+  assert permute(x_TD, src_S, num_rows=0, config=CFG).shape == (0, D)
+  assert permute(x_TD, src_S, num_rows=S, config=CFG).shape == (S, D)
 
 
 # --------------------------------------------------------------- unpermute
@@ -134,38 +134,38 @@ def test_permute_num_rows_limits_rows():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_unpermute_forward(dtype):
-    kb, ki, kw = jax.random.split(jax.random.key(3), 3)
-    buf_RD = normal(kb, (R, D), dtype)
-    dst_R = dst_ids(ki, R, T)
-    w_R = jax.random.uniform(kw, (R,), jnp.float32, 0.1, 1.0)
-    y_TD = unpermute(buf_RD, dst_R, w_R, num_tokens=T, config=CFG)
-    assert y_TD.shape == (T, D) and y_TD.dtype == dtype
-    assert_close(y_TD, unpermute_reference(buf_RD, dst_R, w_R, num_tokens=T))
-    # Convention checked independently: f64 scatter-add over the valid rows only.
-    ok = valid_mask(dst_R, T)
-    dst_np = np.asarray(dst_R)
-    fanin_T = np.bincount(dst_np[ok], minlength=T)
-    assert fanin_T.max() >= 2 and fanin_T[T - 1] == 0  # repeats and an empty token
-    expected = np.zeros((T, D))
-    np.add.at(
-        expected, dst_np[ok],
-        np.asarray(w_R, np.float64)[ok, None] * np.asarray(buf_RD, np.float64)[ok],
-    )
-    assert_close(y_TD, expected.astype(y_TD.dtype))
-    # Tokens nobody routes to are exactly zero; every routed token is not.
-    np.testing.assert_array_equal(np.asarray(y_TD).any(axis=1), fanin_T > 0)
+  kb, ki, kw = jax.random.split(jax.random.key(3), 3)
+  buf_SD = normal(kb, (S, D), dtype)
+  dst_S = dst_ids(ki, S, T)
+  w_S = jax.random.uniform(kw, (S,), jnp.float32, 0.1, 1.0)
+  y_TD = unpermute(buf_SD, dst_S, w_S, num_tokens=T, config=CFG)
+  assert y_TD.shape == (T, D) and y_TD.dtype == dtype
+  assert_close(y_TD, unpermute_reference(buf_SD, dst_S, w_S, num_tokens=T))
+  # Convention checked independently: f64 scatter-add over the valid rows only.
+  ok = valid_mask(dst_S, T)
+  dst_np = np.asarray(dst_S)
+  fanin_T = np.bincount(dst_np[ok], minlength=T)
+  assert fanin_T.max() >= 2 and fanin_T[T - 1] == 0  # repeats and an empty token
+  expected = np.zeros((T, D))
+  np.add.at(
+      expected, dst_np[ok],
+      np.asarray(w_S, np.float64)[ok, None] * np.asarray(buf_SD, np.float64)[ok],
+  )
+  assert_close(y_TD, expected.astype(y_TD.dtype))
+  # Tokens nobody routes to are exactly zero; every routed token is not.
+  np.testing.assert_array_equal(np.asarray(y_TD).any(axis=1), fanin_T > 0)
 
 
 def test_unpermute_skewed_fanin():
-    """One token receives most rows: long per-token loop next to short ones."""
-    kb, kw = jax.random.split(jax.random.key(4))
-    buf_RD = normal(kb, (R, D), jnp.float32)
-    dst_R = jnp.where(jnp.arange(R) % 5 == 0, jnp.arange(R) % T, 3).astype(jnp.int32)
-    w_R = jax.random.uniform(kw, (R,), jnp.float32, -1.0, 1.0)
-    assert_close(
-        unpermute(buf_RD, dst_R, w_R, num_tokens=T, config=CFG),
-        unpermute_reference(buf_RD, dst_R, w_R, num_tokens=T),
-    )
+  """One token receives most rows: long per-token loop next to short ones."""
+  kb, kw = jax.random.split(jax.random.key(4))
+  buf_SD = normal(kb, (S, D), jnp.float32)
+  dst_S = jnp.where(jnp.arange(S) % 5 == 0, jnp.arange(S) % T, 3).astype(jnp.int32)
+  w_S = jax.random.uniform(kw, (S,), jnp.float32, -1.0, 1.0)
+  assert_close(
+      unpermute(buf_SD, dst_S, w_S, num_tokens=T, config=CFG),
+      unpermute_reference(buf_SD, dst_S, w_S, num_tokens=T),
+  )
 
 
 @pytest.mark.parametrize(
@@ -173,96 +173,96 @@ def test_unpermute_skewed_fanin():
     [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16)],
 )
 def test_unpermute_vjp(buf_dtype, w_dtype):
-    kb, ki, kw, kc = jax.random.split(jax.random.key(5), 4)
-    buf_RD = normal(kb, (R, D), buf_dtype)
-    dst_R = dst_ids(ki, R, T)
-    w_R = jax.random.uniform(kw, (R,), jnp.float32, 0.1, 1.0).astype(w_dtype)
-    dy_TD = normal(kc, (T, D), buf_dtype)
-    fn = lambda b, w: unpermute(b, dst_R, w, num_tokens=T, config=CFG)  # noqa: E731
-    fn_ref = lambda b, w: unpermute_reference(b, dst_R, w, num_tokens=T)  # noqa: E731
-    y, vjp = jax.vjp(fn, buf_RD, w_R)
-    y_ref, vjp_ref = jax.vjp(fn_ref, buf_RD, w_R)
-    assert_close(y, y_ref)
-    (dbuf_RD, dw_R), (dbuf_ref_RD, dw_ref_R) = vjp(dy_TD), vjp_ref(dy_TD)
-    assert dbuf_RD.dtype == buf_dtype and dw_R.dtype == w_dtype
-    assert_close(dbuf_RD, dbuf_ref_RD)
-    assert_close(dw_R, dw_ref_R)
-    # Padding rows get exactly zero gradient; routed rows do not.
-    ok = valid_mask(dst_R, T)
-    assert not np.asarray(dbuf_RD)[~ok].any() and not np.asarray(dw_R)[~ok].any()
-    assert np.asarray(dw_R)[ok].all()
+  kb, ki, kw, kc = jax.random.split(jax.random.key(5), 4)
+  buf_SD = normal(kb, (S, D), buf_dtype)
+  dst_S = dst_ids(ki, S, T)
+  w_S = jax.random.uniform(kw, (S,), jnp.float32, 0.1, 1.0).astype(w_dtype)
+  dy_TD = normal(kc, (T, D), buf_dtype)
+  fn = lambda b, w: unpermute(b, dst_S, w, num_tokens=T, config=CFG)  # noqa: E731
+  fn_ref = lambda b, w: unpermute_reference(b, dst_S, w, num_tokens=T)  # noqa: E731
+  y, vjp = jax.vjp(fn, buf_SD, w_S)
+  y_ref, vjp_ref = jax.vjp(fn_ref, buf_SD, w_S)
+  assert_close(y, y_ref)
+  (dbuf_SD, dw_S), (dbuf_ref_SD, dw_ref_S) = vjp(dy_TD), vjp_ref(dy_TD)
+  assert dbuf_SD.dtype == buf_dtype and dw_S.dtype == w_dtype
+  assert_close(dbuf_SD, dbuf_ref_SD)
+  assert_close(dw_S, dw_ref_S)
+  # Padding rows get exactly zero gradient; routed rows do not.
+  ok = valid_mask(dst_S, T)
+  assert not np.asarray(dbuf_SD)[~ok].any() and not np.asarray(dw_S)[~ok].any()
+  assert np.asarray(dw_S)[ok].all()
 
 
 def test_no_gradient_for_indices():
-    x_TD = normal(jax.random.key(6), (T, D), jnp.float32)
-    src_R = src_ids(jax.random.key(7), R, T)
-    _, vjp = jax.vjp(lambda x, i: permute(x, i, config=CFG), x_TD, src_R)
-    _, di = vjp(jnp.ones((R, D)))
-    assert di.dtype == jax.dtypes.float0
+  x_TD = normal(jax.random.key(6), (T, D), jnp.float32)
+  src_S = src_ids(jax.random.key(7), S, T)
+  _, vjp = jax.vjp(lambda x, i: permute(x, i, config=CFG), x_TD, src_S)
+  _, di = vjp(jnp.ones((S, D)))
+  assert di.dtype == jax.dtypes.float0
 
 
 # ------------------------------------------------------------- edge cases
 
 
 def test_all_padding():
-    pad_R = jnp.resize(jnp.array([-1, -2, T, T + 1], jnp.int32), R)  # only invalid ids
-    x_TD = normal(jax.random.key(8), (T, D), jnp.float32)
-    buf, vjp = jax.vjp(lambda x: permute(x, pad_R, config=CFG), x_TD)
-    assert buf.shape == (R, D) and not np.asarray(buf).any()
-    assert not np.asarray(vjp(jnp.ones((R, D)))[0]).any()
+  pad_S = jnp.resize(jnp.array([-1, -2, T, T + 1], jnp.int32), S)  # only invalid ids
+  x_TD = normal(jax.random.key(8), (T, D), jnp.float32)
+  buf, vjp = jax.vjp(lambda x: permute(x, pad_S, config=CFG), x_TD)
+  assert buf.shape == (S, D) and not np.asarray(buf).any()
+  assert not np.asarray(vjp(jnp.ones((S, D)))[0]).any()
 
-    buf_RD = normal(jax.random.key(9), (R, D), jnp.float32)
-    w_R = jnp.full((R,), 0.5, jnp.float32)
-    y, vjp = jax.vjp(
-        lambda b, w: unpermute(b, pad_R, w, num_tokens=T, config=CFG), buf_RD, w_R
-    )
-    assert y.shape == (T, D) and not np.asarray(y).any()
-    np.testing.assert_array_equal(
-        np.asarray(y), np.asarray(unpermute_reference(buf_RD, pad_R, w_R, num_tokens=T))
-    )
-    dbuf, dw = vjp(jnp.ones((T, D)))
-    assert not np.asarray(dbuf).any() and not np.asarray(dw).any()
+  buf_SD = normal(jax.random.key(9), (S, D), jnp.float32)
+  w_S = jnp.full((S,), 0.5, jnp.float32)
+  y, vjp = jax.vjp(
+      lambda b, w: unpermute(b, pad_S, w, num_tokens=T, config=CFG), buf_SD, w_S
+  )
+  assert y.shape == (T, D) and not np.asarray(y).any()
+  np.testing.assert_array_equal(
+      np.asarray(y), np.asarray(unpermute_reference(buf_SD, pad_S, w_S, num_tokens=T))
+  )
+  dbuf, dw = vjp(jnp.ones((T, D)))
+  assert not np.asarray(dbuf).any() and not np.asarray(dw).any()
 
 
 def test_zero_sizes():
-    x_TD = normal(jax.random.key(10), (T, D), jnp.float32)
-    empty_R = jnp.zeros((0,), jnp.int32)
-    buf, vjp = jax.vjp(lambda x: permute(x, empty_R), x_TD)
-    assert buf.shape == (0, D)
-    dx = vjp(jnp.zeros((0, D)))[0]
-    assert dx.shape == (T, D) and not np.asarray(dx).any()
-    # No tokens: every id is out of range, hence padding.
-    ids = jnp.array([-1, 0, 1], jnp.int32)
-    no_tok = permute(jnp.zeros((0, D)), ids)
-    assert no_tok.shape == (3, D) and not np.asarray(no_tok).any()
-    np.testing.assert_array_equal(no_tok, permute_reference(jnp.zeros((0, D)), ids))
-    buf3 = normal(jax.random.key(11), (3, D), jnp.float32)
-    assert unpermute(buf3, ids, jnp.ones(3), num_tokens=0).shape == (0, D)
-    y = unpermute(jnp.zeros((0, D)), empty_R, jnp.zeros((0,)), num_tokens=T)
-    assert y.shape == (T, D) and not np.asarray(y).any()
+  x_TD = normal(jax.random.key(10), (T, D), jnp.float32)
+  empty_S = jnp.zeros((0,), jnp.int32)
+  buf, vjp = jax.vjp(lambda x: permute(x, empty_S), x_TD)
+  assert buf.shape == (0, D)
+  dx = vjp(jnp.zeros((0, D)))[0]
+  assert dx.shape == (T, D) and not np.asarray(dx).any()
+  # No tokens: every id is out of range, hence padding.
+  ids = jnp.array([-1, 0, 1], jnp.int32)
+  no_tok = permute(jnp.zeros((0, D)), ids)
+  assert no_tok.shape == (3, D) and not np.asarray(no_tok).any()
+  np.testing.assert_array_equal(no_tok, permute_reference(jnp.zeros((0, D)), ids))
+  buf3 = normal(jax.random.key(11), (3, D), jnp.float32)
+  assert unpermute(buf3, ids, jnp.ones(3), num_tokens=0).shape == (0, D)
+  y = unpermute(jnp.zeros((0, D)), empty_S, jnp.zeros((0,)), num_tokens=T)
+  assert y.shape == (T, D) and not np.asarray(y).any()
 
 
 def test_default_config_and_interpret_under_jit_grad():
-    assert _resolve(None, None) == (jax.default_backend() != "gpu", PermuteConfig())
-    t, d, r = 40, 300, 70  # default blocks (16 x 256) with ragged tails
-    kx, ki, kw, kc = jax.random.split(jax.random.key(12), 4)
-    x_TD = normal(kx, (t, d), jnp.float32)
-    idx_R = src_ids(ki, r, t)
-    w_R = jax.random.uniform(kw, (r,), jnp.float32, 0.1, 1.0)
-    c_TD = normal(kc, (t, d), jnp.float32)
+  assert _resolve(None, None) == (jax.default_backend() != "gpu", PermuteConfig())
+  t, d, s = 40, 300, 70  # default blocks (16 x 256) with ragged tails
+  kx, ki, kw, kc = jax.random.split(jax.random.key(12), 4)
+  x_TD = normal(kx, (t, d), jnp.float32)
+  idx_S = src_ids(ki, s, t)
+  w_S = jax.random.uniform(kw, (s,), jnp.float32, 0.1, 1.0)
+  c_TD = normal(kc, (t, d), jnp.float32)
 
-    def loss(permute_fn, unpermute_fn, x, w):  # dispatch -> combine, as in an MoE layer
-        y = unpermute_fn(permute_fn(x, idx_R), idx_R, w, num_tokens=t)
-        return jnp.sum(y * c_TD), y
+  def loss(permute_fn, unpermute_fn, x, w):  # dispatch -> combine, as in an MoE layer
+    y = unpermute_fn(permute_fn(x, idx_S), idx_S, w, num_tokens=t)
+    return jnp.sum(y * c_TD), y
 
-    grad_fn = jax.jit(jax.grad(functools.partial(loss, permute, unpermute), (0, 1), has_aux=True))
-    ref_fn = jax.grad(
-        functools.partial(loss, permute_reference, unpermute_reference), (0, 1), has_aux=True
-    )
-    ((dx, dw), y), ((dx_ref, dw_ref), y_ref) = grad_fn(x_TD, w_R), ref_fn(x_TD, w_R)
-    assert_close(y, y_ref)
-    assert_close(dx, dx_ref)
-    assert_close(dw, dw_ref)
+  grad_fn = jax.jit(jax.grad(functools.partial(loss, permute, unpermute), (0, 1), has_aux=True))
+  ref_fn = jax.grad(
+      functools.partial(loss, permute_reference, unpermute_reference), (0, 1), has_aux=True
+  )
+  ((dx, dw), y), ((dx_ref, dw_ref), y_ref) = grad_fn(x_TD, w_S), ref_fn(x_TD, w_S)
+  assert_close(y, y_ref)
+  assert_close(dx, dx_ref)
+  assert_close(dw, dw_ref)
 
 
 # ------------------------------------------------------------- validation
@@ -305,8 +305,8 @@ _W = jnp.ones((6,), jnp.float32)
     ],
 )
 def test_invalid_arguments(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
+  with pytest.raises(exc, match=match):
+    call()
 
 
 @pytest.mark.parametrize(
@@ -320,81 +320,81 @@ def test_invalid_arguments(call, exc, match):
     ],
 )
 def test_invalid_config(kwargs, exc, match):
-    with pytest.raises(exc, match=match):
-        PermuteConfig(**kwargs)
+  with pytest.raises(exc, match=match):
+    PermuteConfig(**kwargs)
 
 
 def test_config_is_static_and_tiles_clip():
-    cfg = PermuteConfig(block_rows=32, block_d=512)
-    assert hash(cfg) == hash(PermuteConfig(block_rows=32, block_d=512))
-    with pytest.raises(AttributeError):
-        cfg.block_d = 64  # frozen
-    assert cfg.tile(5, 200) == (8, 256)
-    assert cfg.tile(1000, 4096) == (32, 512)
+  cfg = PermuteConfig(block_rows=32, block_d=512)
+  assert hash(cfg) == hash(PermuteConfig(block_rows=32, block_d=512))
+  with pytest.raises(AttributeError):
+    cfg.block_d = 64  # frozen
+  assert cfg.tile(5, 200) == (8, 256)
+  assert cfg.tile(1000, 4096) == (32, 512)
 
 
 # ------------------------------------------------------- CUDA export (no GPU)
 
-EXPORT_T, EXPORT_D, EXPORT_R = 8192, 4096, 2 * 8192
+EXPORT_T, EXPORT_D, EXPORT_S = 8192, 4096, 2 * 8192
 TRITON_CALL = "__gpu$xla.gpu.triton"  # Pallas Triton custom-call target in jaxlib 0.10
 CUDA_MAX_GRID_YZ = 65535
 
 
 def _export_cuda(fn, *args):
-    return jax.export.export(
-        jax.jit(fn),
-        platforms=["cuda"],
-        # Triton IR is not a stable custom call, so export refuses it by default.
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-    )(*args)
+  return jax.export.export(
+      jax.jit(fn),
+      platforms=["cuda"],
+      # Triton IR is not a stable custom call, so export refuses it by default.
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+  )(*args)
 
 
 def _shapes(exported):
-    return [(a.shape, a.dtype) for a in exported.out_avals]
+  return [(a.shape, a.dtype) for a in exported.out_avals]
 
 
 def _check_triton_launches(exported, num_kernels):
-    text = exported.mlir_module()
-    assert exported.platforms == ("cuda",)
-    assert text.count(f"stablehlo.custom_call @{TRITON_CALL}") == num_kernels
-    grids = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32", text)
-    assert len(grids) == num_kernels
-    for gx, gy, gz in map(lambda g: tuple(map(int, g)), grids):
-        assert 0 < gx < 2**31 and 0 < gy <= CUDA_MAX_GRID_YZ and 0 < gz <= CUDA_MAX_GRID_YZ
+  text = exported.mlir_module()
+  assert exported.platforms == ("cuda",)
+  assert text.count(f"stablehlo.custom_call @{TRITON_CALL}") == num_kernels
+  grids = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32", text)
+  assert len(grids) == num_kernels
+  for gx, gy, gz in map(lambda g: tuple(map(int, g)), grids):
+    assert 0 < gx < 2**31 and 0 < gy <= CUDA_MAX_GRID_YZ and 0 < gz <= CUDA_MAX_GRID_YZ
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_export_permute_cuda(dtype):
-    sds = jax.ShapeDtypeStruct
+  sds = jax.ShapeDtypeStruct
 
-    def fwd_and_vjp(x_TD, src_R, dbuf_RD):
-        buf_RD, vjp = jax.vjp(lambda x: permute(x, src_R, interpret=False), x_TD)
-        return buf_RD, vjp(dbuf_RD)[0]
+  def fwd_and_vjp(x_TD, src_S, dbuf_SD):
+    buf_SD, vjp = jax.vjp(lambda x: permute(x, src_S, interpret=False), x_TD)
+    return buf_SD, vjp(dbuf_SD)[0]
 
-    exported = _export_cuda(
-        fwd_and_vjp,
-        sds((EXPORT_T, EXPORT_D), dtype), sds((EXPORT_R,), jnp.int32),
-        sds((EXPORT_R, EXPORT_D), dtype),
-    )
-    assert _shapes(exported) == [((EXPORT_R, EXPORT_D), dtype), ((EXPORT_T, EXPORT_D), dtype)]
-    _check_triton_launches(exported, num_kernels=2)  # permute + unpermute (its VJP)
+  exported = _export_cuda(
+      fwd_and_vjp,
+      sds((EXPORT_T, EXPORT_D), dtype), sds((EXPORT_S,), jnp.int32),
+      sds((EXPORT_S, EXPORT_D), dtype),
+  )
+  assert _shapes(exported) == [((EXPORT_S, EXPORT_D), dtype), ((EXPORT_T, EXPORT_D), dtype)]
+  _check_triton_launches(exported, num_kernels=2)  # permute + unpermute (its VJP)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_export_unpermute_cuda(dtype):
-    sds = jax.ShapeDtypeStruct
+  sds = jax.ShapeDtypeStruct
 
-    def fwd_and_vjp(buf_RD, dst_R, w_R, dy_TD):
-        fn = functools.partial(unpermute, num_tokens=EXPORT_T, interpret=False)
-        y_TD, vjp = jax.vjp(lambda b, w: fn(b, dst_R, w), buf_RD, w_R)
-        return (y_TD, *vjp(dy_TD))
+  def fwd_and_vjp(buf_SD, dst_S, w_S, dy_TD):
+    fn = functools.partial(unpermute, num_tokens=EXPORT_T, interpret=False)
+    y_TD, vjp = jax.vjp(lambda b, w: fn(b, dst_S, w), buf_SD, w_S)
+    return (y_TD, *vjp(dy_TD))
 
-    exported = _export_cuda(
-        fwd_and_vjp,
-        sds((EXPORT_R, EXPORT_D), dtype), sds((EXPORT_R,), jnp.int32),
-        sds((EXPORT_R,), jnp.float32), sds((EXPORT_T, EXPORT_D), dtype),
-    )
-    assert _shapes(exported) == [
-        ((EXPORT_T, EXPORT_D), dtype), ((EXPORT_R, EXPORT_D), dtype), ((EXPORT_R,), jnp.float32),
-    ]
-    _check_triton_launches(exported, num_kernels=2)  # unpermute + its fused backward
+  exported = _export_cuda(
+      fwd_and_vjp,
+      sds((EXPORT_S, EXPORT_D), dtype), sds((EXPORT_S,), jnp.int32),
+      sds((EXPORT_S,), jnp.float32), sds((EXPORT_T, EXPORT_D), dtype),
+  )
+  assert _shapes(exported) == [
+      ((EXPORT_T, EXPORT_D), dtype), ((EXPORT_S, EXPORT_D), dtype), ((EXPORT_S,), jnp.float32),
+  ]
+  _check_triton_launches(exported, num_kernels=2)  # unpermute + its fused backward
