@@ -1,5 +1,5 @@
 # `make train` and `make test` each set up a virtual environment in the checkout
-# (editable install with the test extra) and then run.
+# (editable install with the test and gpu-aot extras) and then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,gpu-aot]"
 	touch $(STAMP)
 
 setup: $(STAMP)
