@@ -13,7 +13,7 @@ __all__ = [
     "identity_placement", "reference_moe", "update_router_bias", "CapacityWarning", "check_drops",
 ]
 
-from hiermoe_jax import convert, linen  # noqa: E402  (submodules users reach as attributes)
+from hiermoe_jax import convert, gpu_aot, linen  # noqa: E402  (submodules reached as attributes)
 from hiermoe_jax.nnx_module import MoE, ExpertPlacement, RouterBias  # noqa: E402
 
-__all__ += ["MoE", "ExpertPlacement", "RouterBias", "convert", "linen"]
+__all__ += ["MoE", "ExpertPlacement", "RouterBias", "convert", "gpu_aot", "linen"]
