@@ -20,6 +20,7 @@ import hiermoe_jax as hm
 from hiermoe_jax import cost
 from hiermoe_jax.bench import cli
 from hiermoe_jax.config import ConfigError
+from models import cli as train_cli
 from models import config as run_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -316,7 +317,7 @@ def test_plot_metrics_errors(tmp_path, capsys):
 def test_train_config_errors(argv, names, capsys, no_compile, tmp_path, monkeypatch):
   argv = ["--config", str(TINY), "--run-dir", str(tmp_path / "run")] + argv
   monkeypatch.chdir(tmp_path)
-  code, err = run_main(script("train").main, argv, capsys)
+  code, err = run_main(train_cli.main, argv, capsys)
   assert code == 2
   assert_one_line(err, "error: ", *names)
   assert not (tmp_path / "run").exists()
@@ -330,7 +331,7 @@ def test_train_config_errors(argv, names, capsys, no_compile, tmp_path, monkeypa
     (["--run-dir", str(TINY)], ["--run-dir=", "is a file"]),
 ])
 def test_train_option_errors(argv, names, capsys, no_compile):
-  code, err = run_main(script("train").main, argv, capsys)
+  code, err = run_main(train_cli.main, argv, capsys)
   assert code == 2
   assert_one_line(err, "error: ", *names)
 

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from models import cli
 from models import data as data_lib
 from models.checkpoint import Checkpointer
 from models.config import ConfigError, load_config
@@ -40,16 +41,11 @@ def in_process(*overrides):
 
 
 def cli_main(*args) -> int:
-  """scripts/train.py's main() in this process, on SMALL."""
-  sys.path.insert(0, str(ROOT / "scripts"))
-  try:
-    import train as train_script
-  finally:
-    sys.path.pop(0)
+  """scripts/train.py's main() (models.cli) in this process, on SMALL."""
   argv = ["--config", str(TINY), *args]
   for item in SMALL:
     argv += ["--set", item]
-  return train_script.main(argv)
+  return cli.main(argv)
 
 
 def restored(cfg, run_dir, steps):

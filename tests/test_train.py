@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+from models import cli
 from models.checkpoint import Checkpointer
 from models.config import load_config
 from models.metrics import read_metrics
@@ -310,12 +311,7 @@ def test_plot_metrics(reference, tmp_path):
     (["--set", "moe.num_experts=12"], "moe.num_experts"),  # not a multiple of 8 devices
 ])
 def test_cli_rejects_bad_config_naming_the_key(argv, names, capsys, tmp_path):
-  sys.path.insert(0, str(ROOT / "scripts"))
-  try:
-    import train as train_script
-  finally:
-    sys.path.pop(0)
-  code = train_script.main(["--config", str(TINY), "--run-dir", str(tmp_path)] + argv)
+  code = cli.main(["--config", str(TINY), "--run-dir", str(tmp_path)] + argv)
   err = capsys.readouterr().err.strip()
   assert code == 2
   assert names in err
