@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Mapping
@@ -237,6 +238,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
   raise TypeError(f"{key}: unsupported annotation {hint!r}")
 
 
+def as_run_keys(error: ConfigError) -> ConfigError:
+  """A library ConfigError with the names users write in the run config: MoEConfig.x is
+  moe.x, and make_mesh's nodes / local are mesh.nodes / mesh.local."""
+  message = str(error).replace("MoEConfig.", "moe.")
+  if message.startswith("make_mesh: "):
+    message = re.sub(r"\b(nodes|local)\b", r"mesh.\1", message.removeprefix("make_mesh: "))
+  return ConfigError(message)
+
+
 def _build_section(name: str, values: Mapping[str, Any], extra: Mapping[str, Any] = ()):
   cls = SECTIONS[name]
   hints = typing.get_type_hints(cls)
@@ -258,8 +268,7 @@ def _build_section(name: str, values: Mapping[str, Any], extra: Mapping[str, Any
   try:
     return cls(**kwargs)
   except ConfigError as e:
-    # MoEConfig names fields "MoEConfig.x"; users write them "moe.x".
-    raise ConfigError(str(e).replace("MoEConfig.", "moe.")) from None
+    raise as_run_keys(e) from None
 
 
 def _check_sections(raw: Mapping[str, Any]) -> None:

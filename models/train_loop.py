@@ -32,11 +32,12 @@ from jax.experimental import multihost_utils
 
 import hiermoe_jax as hm
 from hiermoe_jax import cost as cost_lib
+from hiermoe_jax import validate
 from hiermoe_jax.diagnostics import CapacityWarning, check_drop_counts
 from hiermoe_jax.swap import SearchConfig, SwapController
 from models import data as data_lib
 from models.checkpoint import CheckpointError, Checkpointer
-from models.config import Config, ConfigError
+from models.config import Config, ConfigError, as_run_keys
 from models.metrics import MetricsLog, ProgressBar, step_record
 from models.steps import Model, TrainState, nonfinite_leaves, placements_of, with_placements
 
@@ -56,30 +57,26 @@ class RunResult:
   interrupted: int | None = None  # signal number if SIGTERM/SIGINT stopped the run early
 
 
-def build_mesh(cfg: Config) -> jax.sharding.Mesh:
-  """("node", "local") mesh; with several processes the node axis is the processes."""
-  processes = jax.process_count()
-  nodes, local = cfg.mesh.nodes, cfg.mesh.local
+def run_mesh(cfg: Config) -> jax.sharding.Mesh:
+  """`hm.make_mesh(mesh.nodes, mesh.local)`, its errors naming the run config's keys."""
+  try:
+    return hm.make_mesh(cfg.mesh.nodes, cfg.mesh.local)
+  except ConfigError as e:
+    raise as_run_keys(e) from None
+
+
+def validate_run(cfg: Config, mesh) -> None:
+  """The library's checks of cfg.moe on `mesh`, then the trainer's own: with several
+  processes the node axis is the processes, and the batch splits over the devices."""
+  try:
+    validate.validate_for_mesh(cfg.moe, mesh)
+  except ConfigError as e:
+    raise as_run_keys(e) from None
+  processes, nodes = jax.process_count(), cfg.mesh.nodes
   if processes > 1 and nodes not in (None, processes):
     raise ConfigError(f"mesh.nodes={nodes} is invalid: with {processes} processes the node "
                       f"axis is the processes; use mesh.nodes={processes} or leave it unset")
-  devices = jax.device_count()
-  if nodes is None:
-    nodes = processes if local is None else max(devices // local, 1)
-  if local is None:
-    local = max(devices // nodes, 1)
-  if nodes * local != devices:
-    raise ConfigError(f"mesh.nodes={nodes} x mesh.local={local} is invalid: their product "
-                      f"must equal the {devices} devices (--mesh NxG)")
-  return hm.make_mesh(nodes, local)
-
-
-def validate_for_mesh(cfg: Config, mesh) -> None:
   devices = mesh.devices.size
-  if cfg.moe.num_experts % devices:
-    raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is invalid for a "
-                      f"{mesh.shape['node']}x{mesh.shape['local']} mesh: it must be a "
-                      f"multiple of the device count {devices}")
   if cfg.train.batch_size % devices:
     raise ConfigError(f"train.batch_size={cfg.train.batch_size} is invalid for "
                       f"{devices} devices: it must be a multiple of {devices}")
@@ -263,8 +260,8 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
   lead = jax.process_index() == 0
   verbose = verbose and lead
   run_dir = pathlib.Path(run_dir)
-  mesh = build_mesh(cfg)
-  validate_for_mesh(cfg, mesh)
+  mesh = run_mesh(cfg)
+  validate_run(cfg, mesh)
 
   train_tokens, eval_tokens = data_lib.split(data_lib.load_tokens(cfg.data),
                                              cfg.data.eval_fraction)

@@ -24,7 +24,7 @@ from models.checkpoint import Checkpointer
 from models.config import ConfigError, load_config
 from models.metrics import read_metrics
 from models.steps import Model
-from models.train_loop import NonFiniteError, build_mesh, run, save_checkpoint
+from models.train_loop import NonFiniteError, run, run_mesh, save_checkpoint
 from test_train import ROOT, TINY
 
 STEPS = 30  # runs stop (or are stopped) well before it
@@ -50,7 +50,7 @@ def cli_main(*args) -> int:
 
 def restored(cfg, run_dir, steps):
   """The TrainStates checkpointed at `steps`, on the host."""
-  abstract = Model(cfg, build_mesh(cfg)).abstract_state()
+  abstract = Model(cfg, run_mesh(cfg)).abstract_state()
   checkpointer = Checkpointer(run_dir, keep=10)
   try:
     return [jax.device_get(checkpointer.restore(s, abstract).state) for s in steps]

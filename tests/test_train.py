@@ -61,9 +61,9 @@ def reference(tmp_path_factory, cache_dir):
 def saved_state(run_dir, step):
   """The TrainState checkpointed at `step`, restored on the reference's 2x4 mesh."""
   from models.steps import Model
-  from models.train_loop import build_mesh
+  from models.train_loop import run_mesh
   cfg = load_config(TINY, BASE + MESH_2X4)
-  model = Model(cfg, build_mesh(cfg))
+  model = Model(cfg, run_mesh(cfg))
   checkpointer = Checkpointer(run_dir, keep=10)
   try:
     state, meta, _ = checkpointer.restore(step, model.abstract_state())
@@ -198,10 +198,10 @@ def test_deepseek_style_layers_update_and_checkpoint_router_biases(tmp_path, cac
                  jax.tree_util.tree_flatten_with_path(result.state.params)[0]]
   assert not any("router_bias" in p or "placement" in p for p in param_paths)  # not trained
   from models.steps import Model
-  from models.train_loop import build_mesh
+  from models.train_loop import run_mesh
   checkpointer = Checkpointer(tmp_path, keep=1)
   try:
-    saved = checkpointer.restore(1, Model(cfg, build_mesh(cfg)).abstract_state()).state
+    saved = checkpointer.restore(1, Model(cfg, run_mesh(cfg)).abstract_state()).state
   finally:
     checkpointer.close()
   np.testing.assert_array_equal(saved.buffers["blocks"][1]["ffn"]["router_bias"][...], bias)
