@@ -64,6 +64,7 @@ class Model:
     self.tx = make_optimizer(cfg.train)
     self.schedule = learning_rate(cfg.train)
     self.graphdef, abstract = nnx.get_abstract_model(self._new_model, mesh)
+    self.moe_layers = nnx.merge(self.graphdef, abstract).moe_layers  # Transformer's
     abs_params, abs_buffers = nnx.split_state(abstract, nnx.Param, ...)
     replicated = NamedSharding(mesh, mesh_lib.replicated())
     param_sh = _shardings(abs_params)
@@ -122,7 +123,7 @@ class Model:
     buffers = self._update_router_biases(params, state.buffers, auxes)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     devices = self.mesh.devices.size
-    placements = [self._placement(state.buffers, i) for i in range(len(auxes))]
+    placements = placements_of(state.buffers, self.moe_layers).values()
     metrics = StepMetrics(
         loss=ce, aux_loss=aux_loss, grad_norm=grad_norm,
         lr=self.schedule(applied_updates(state.opt_state)),  # the lr this update uses
@@ -155,14 +156,6 @@ class Model:
     for layer, aux in zip(self._moe_modules(model), auxes):
       layer.update_router_bias(aux.expert_counts)
     return nnx.state(model, nnx.Not(nnx.Param))
-
-  def _placement(self, buffers, index):
-    return buffers["blocks"][self.moe_layers[index]]["ffn"]["placement"][...]
-
-  @property
-  def moe_layers(self) -> list[int]:
-    """Block indices of the MoE layers (the keys under buffers["blocks"])."""
-    return list(range(self.cfg.model.first_k_dense, self.cfg.model.n_layers))
 
   @functools.cached_property
   def jit_train_step(self):

@@ -122,6 +122,7 @@ class Transformer(nnx.Module):
 
   @property
   def moe_layers(self) -> list[int]:
+    """Block indices of the MoE layers (the keys under the state's "blocks")."""
     return list(range(self.cfg.first_k_dense, self.cfg.n_layers))
 
   def __call__(self, tokens_BS):
