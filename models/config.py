@@ -23,9 +23,9 @@ from typing import Any, Mapping
 import yaml
 
 # ConfigError is the library's bad-input error, re-exported: scripts catch one class.
-from hiermoe_jax.config import SEED_LIMIT, ConfigError, MoEConfig, is_finite_real, is_int
+from hiermoe_jax.config import (DTYPES, SEED_LIMIT, ConfigError, MoEConfig, is_finite_real,
+                                is_int)
 
-DTYPES = ("float32", "bfloat16", "float16")
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")
 
 
