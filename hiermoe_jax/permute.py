@@ -1,31 +1,41 @@
 """Local token permutation: the gathers and scatter-adds around each exchange.
 
-`permute(x_TD, src_R)`: row r of the result is x[src[r]], zero where src[r] == -1.
-`unpermute(buf_RD, dst_R, w_R, num_tokens)`: y[t] = sum_{r: dst[r] == t} w[r] * buf[r].
-Both are linear, so autodiff gives their exact transposes. `impl="pallas"` runs
-the kernels in `pallas_kernels/` instead of XLA's gather / scatter.
+Legend: T tokens (rows of the token-major array), S slots (rows of the permuted buffer),
+D model dim.
+
+`permute(x_TD, src_S)`: buf[s] = x[src[s]], zero where src[s] is -1 (or out of range).
+`unpermute(buf_SD, dst_S, w_S, num_tokens=T)`: y[t] = sum over s with dst[s] == t of w[s] * buf[s].
+
+Both implementations follow one contract, stated in `pallas_kernels.permute` (index
+convention; float32 products and sums, one rounding per result): `impl="xla"` runs its
+pure-jnp `*_reference` functions (XLA gather / scatter-add, differentiated by autodiff),
+`impl="pallas"` its kernels. Sharing the reference code keeps the XLA path from drifting off
+the contract the kernels are tested against.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import pallas_kernels
+
+IMPLS = ("xla", "pallas")
 
 
-def permute(x_TD, src_R, *, impl: str = "xla"):
+def _check_impl(impl: str):
+  if impl not in IMPLS:
+    raise ValueError(f"{impl=} is not one of {IMPLS}")
+
+
+def permute(x_TD, src_S, *, impl: str = "xla"):
+  """Gathers rows: [T, D] -> [S, D]; padding slots (-1 or out of range) are zeros."""
+  _check_impl(impl)
   if impl == "pallas":
-    import pallas_kernels
-    return pallas_kernels.permute(x_TD, src_R)
-  valid_R = src_R >= 0
-  rows_RD = jnp.take(x_TD, jnp.where(valid_R, src_R, 0), axis=0)
-  return jnp.where(valid_R[:, None], rows_RD, jnp.zeros((), x_TD.dtype))
+    return pallas_kernels.permute(x_TD, src_S)
+  return pallas_kernels.permute_reference(x_TD, src_S)
 
 
-def unpermute(buf_RD, dst_R, w_R, *, num_tokens: int, impl: str = "xla"):
+def unpermute(buf_SD, dst_S, w_S, *, num_tokens: int, impl: str = "xla"):
+  """Weighted scatter-add: [S, D] -> [num_tokens, D], in float32, cast to `buf`'s dtype."""
+  _check_impl(impl)
   if impl == "pallas":
-    import pallas_kernels
-    return pallas_kernels.unpermute(buf_RD, dst_R, w_R, num_tokens=num_tokens)
-  contrib_RD = buf_RD * w_R[:, None].astype(buf_RD.dtype)
-  # Padding rows (dst == -1) are sent out of range and dropped by the scatter.
-  dst_R = jnp.where(dst_R >= 0, dst_R, num_tokens)
-  out = jnp.zeros((num_tokens, buf_RD.shape[-1]), jnp.float32)
-  return out.at[dst_R].add(contrib_RD.astype(jnp.float32), mode="drop").astype(buf_RD.dtype)
+    return pallas_kernels.unpermute(buf_SD, dst_S, w_S, num_tokens=num_tokens)
+  return pallas_kernels.unpermute_reference(buf_SD, dst_S, w_S, num_tokens=num_tokens)

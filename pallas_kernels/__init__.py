@@ -1,6 +1,7 @@
 """Pallas (Triton) token-permutation kernels for MoE dispatch/combine.
 
-See ``pallas_kernels.permute`` for the shape legend and index convention.
+See `pallas_kernels.permute` for the legend and the permute / unpermute contract, which the
+XLA path (`hiermoe_jax.permute`, running the `*_reference` functions) shares.
 """
 
 from pallas_kernels.permute import (

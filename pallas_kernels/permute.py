@@ -8,16 +8,30 @@ Legend (array-name suffixes, e.g. `x_TD`, `buf_SD`):
   J  blocks of D (grid axis 1 of every kernel)
   N  T or S (helpers that serve both)
 
-`permute`   buf[s] = x[src_idx[s]]                                      (row gather)
-`unpermute` y[t]   = sum over s with dst_idx[s] == t of w[s] * buf[s]   (scatter-add)
+Contract, shared by these kernels and the XLA implementation (`hiermoe_jax.permute` with
+`impl="xla"`, which runs the pure-jnp `*_reference` functions below):
 
-Index convention, shared by the kernels, their VJPs and the references:
-  * `-1` marks a padding slot. Any other id outside the valid range (`[0, T)` for `src_idx`,
-    `[0, num_tokens)` for `dst_idx`) is ALSO treated as padding instead of being wrapped or
-    clamped: a padding slot of `permute` is all zeros, and a padding slot of `unpermute`
-    contributes nothing (and receives zero gradient).
-  * Several slots may name the same token: `permute` copies it several times, `unpermute` sums
-    them (this is how top-K routing is combined).
+  permute    buf[s] = x[src[s]]                                      (row gather)
+  unpermute  y[t]   = sum over s with dst[s] == t of w[s] * buf[s]   (weighted scatter-add)
+
+  Indices: `-1` marks a padding slot, and so does any other id outside the valid range
+  (`[0, T)` for `src`, `[0, num_tokens)` for `dst`) instead of being wrapped or clamped. A
+  padding slot of `permute` is all zeros; one of `unpermute` contributes nothing and gets zero
+  gradient. Several slots may name one token: `permute` copies it, `unpermute` sums them (the
+  top-K combine).
+
+  Numerics: weights and rows are upcast, every product and sum is float32, and each result is
+  rounded once, to the rows' dtype (`buf`, `y`, `dx`, `dbuf`) or to the weights' (`dw`). The
+  VJP of `permute` is `unpermute` with unit weights; that of `unpermute` is
+  `dbuf[s] = w[s] * dy[dst[s]]` and `dw[s] = <buf[s], dy[dst[s]]>`. Summation order is
+  unspecified: implementations agree bitwise on gathers, on `dbuf` and on sums of at most two
+  terms (top-2 combine; IEEE addition commutes), and otherwise up to f32 reassociation before
+  the final rounding (sums of three or more slots, the `dw` dots over D).
+
+  Why float32: rounding each `w * buf` to bf16 before the sum (what the XLA path used to do)
+  adds one rounding per slot, and made the two implementations disagree. The kernels are
+  memory bound and accumulate in registers, so f32 costs them nothing; XLA pays an f32 [T, D]
+  scatter buffer in `permute`'s VJP (its `unpermute` already had one).
 
 GPU backend: Triton (the default Pallas GPU lowering), not Mosaic GPU. All three kernels are
 data-dependent row gathers; Triton expresses "load these 16 rows at these runtime addresses,
@@ -29,7 +43,6 @@ Kernels (see `_group_slots_by_token` for why unpermute is a gather):
   permute        grid (S blocks, J)  tile = x[src[slots], cols]
   unpermute      grid (T blocks, J)  tile = sum_k w * buf[k-th slot of each token]
   unpermute_bwd  grid (S blocks, J)  dbuf = w * dy[dst], partial dw dots
-The VJP of permute is unpermute with unit weights.
 
 Block sizes live in one frozen `PermuteConfig`. Tails are masked inside the kernels, so no
 dimension has to be divisible by a block size and no input is padded (padding would cost a full
@@ -55,7 +68,7 @@ __all__ = [
     "unpermute_reference",
 ]
 
-_ACC_DTYPE = jnp.float32  # unpermute sums and weight gradients accumulate in f32
+_ACC_DTYPE = jnp.float32  # the contract's product and accumulation dtype
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -192,12 +205,13 @@ def _resolve(interpret, config):
 
 
 # ------------------------------------------------------------------------------------------
-# References (pure jnp; differentiated by JAX autodiff in the tests).
+# References: the contract in pure jnp, differentiated by JAX autodiff. They are also the XLA
+# implementation behind `hiermoe_jax.permute`.
 # ------------------------------------------------------------------------------------------
 
 
 def permute_reference(x_TD, src_idx_S, *, num_rows=None):
-  """Pure-jnp `permute` (same arguments and index convention; f32 VJP accumulation)."""
+  """Pure-jnp `permute` (same arguments, same contract)."""
   x_TD, src_idx_S = _check_permute_args(x_TD, src_idx_S, num_rows)
   num_tokens, d = x_TD.shape
   if num_tokens == 0:  # every id is padding; jnp.take refuses an empty axis
@@ -207,13 +221,14 @@ def permute_reference(x_TD, src_idx_S, *, num_rows=None):
   # around to the last token).
   safe_S = jnp.where(valid_S, src_idx_S, num_tokens)
   # Gathering an f32 copy is exact, and makes autodiff's transpose (the scatter-add of the
-  # cotangent) accumulate in f32, like the kernel's VJP.
+  # cotangent) accumulate in f32, as the contract says. XLA fuses both converts into the
+  # gather (checked on CPU), so no f32 copy of x is materialised.
   buf_SD = jnp.take(x_TD.astype(_ACC_DTYPE), safe_S, axis=0, mode="fill", fill_value=0)
   return buf_SD.astype(x_TD.dtype)
 
 
 def unpermute_reference(buf_SD, dst_idx_S, weights_S, *, num_tokens):
-  """Pure-jnp `unpermute` (same arguments and index convention)."""
+  """Pure-jnp `unpermute` (same arguments, same contract)."""
   buf_SD, dst_idx_S, weights_S, num_tokens = _check_unpermute_args(
       buf_SD, dst_idx_S, weights_S, num_tokens)
   valid_S = (dst_idx_S >= 0) & (dst_idx_S < num_tokens)
@@ -485,8 +500,8 @@ def permute(x_TD, src_idx_S, *, num_rows=None, interpret=None, config=None):
 def unpermute(buf_SD, dst_idx_S, weights_S, *, num_tokens, interpret=None, config=None):
   """Weighted scatter-add of buffer rows back to tokens.
 
-  `y[t] = sum over s with dst_idx[s] == t of weights[s] * buf[s]`, accumulated in float32 and
-  cast to `buf`'s dtype.
+  `y[t] = sum over s with dst_idx[s] == t of weights[s] * buf[s]`, multiplied and accumulated
+  in float32 and cast to `buf`'s dtype (the module docstring's contract).
 
   Args:
     buf_SD: [S, D] floating buffer rows.
