@@ -1,22 +1,24 @@
 """MoEConfig: one frozen, validated description of an MoE block.
 
-Every field is checked in `__post_init__`; checks that need the device mesh live
-in `validate_for_mesh`. Errors are `ConfigError`s naming the field, its value and
-what is valid, raised before any tracing or compilation.
+Every field is checked in `__post_init__`, from the values alone (no file is
+read: `auto`'s cost profile is loaded where it is used); checks that need the
+device mesh live in `validate.py`. Errors are `ConfigError`s naming the field, its
+value and what is valid, raised before any tracing or compilation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from hiermoe_jax.dispatch import registry
+from hiermoe_jax.errors import ConfigError, check_bool, check_choice, check_int, check_real
+from hiermoe_jax.errors import is_finite_real, is_int  # noqa: F401  (re-exported)
+from hiermoe_jax.mesh import AXES, check_expert_axes
+
 ROUTERS = ("softmax", "sigmoid_grouped")
-STRATEGIES = ("flat", "flat_dedup", "hier", "hier_dedup")  # fixed strategies
-DISPATCH = STRATEGIES + ("auto",)  # values of MoEConfig.dispatch
 EXPERT_COMPUTE = ("einsum", "ragged_dot")
 PERMUTE_IMPLS = ("xla", "pallas")
 ALL_TO_ALL_IMPLS = ("padded", "ragged")
@@ -24,31 +26,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 SEED_LIMIT = 2 ** 63  # seeds are in [0, SEED_LIMIT): jax.random.key takes a C long
 
 
-class ConfigError(ValueError):
-  """Bad user input (a config field, option or file); the one-line message names the
-  field, the value and what is valid. Scripts print it without a traceback; any
-  other exception is a bug and keeps its traceback."""
+def __getattr__(name: str):
+  # STRATEGIES (registered strategies) and DISPATCH (those and "auto") are read
+  # from the registry on each access, so a strategy registered later is valid.
+  if name == "STRATEGIES":
+    return registry.names()
+  if name == "DISPATCH":
+    return registry.names() + ("auto",)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _fail(field: str, value: Any, valid: str) -> None:
   raise ConfigError(f"MoEConfig.{field}={value!r} is invalid: {valid}")
 
 
-def is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_finite_real(value: Any) -> bool:
-  """A finite int or float (numpy scalars included), not a bool."""
-  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
   """Hyper-parameters of one MoE block (routed SwiGLU experts + optional shared).
 
-  Routing follows the published definitions (see DESIGN.md section 3):
+  Routing follows the published definitions (docs/design.md, section 3):
   `router="softmax"` is Mixtral / Qwen-MoE top-k; `router="sigmoid_grouped"` is
   DeepSeek-V3 (sigmoid scores, selection bias, group-limited top-k, scaling).
   """
@@ -77,6 +73,8 @@ class MoEConfig:
   expert_compute: str = "einsum"  # or "ragged_dot" (grouped matmul)
   permute_impl: str = "xla"  # local gather/scatter: "xla" or "pallas" kernels
   all_to_all: str = "padded"  # "ragged" uses jax.lax.ragged_all_to_all on GPU
+  # Mesh axes of the expert-parallel hierarchy, slowest link first (one or two).
+  expert_axes: tuple[str, ...] = AXES
 
   def __post_init__(self):
     # Normalise dtypes given as jnp dtypes to their names (keeps the config hashable).
@@ -90,26 +88,21 @@ class MoEConfig:
         _fail(name, value, f"must be one of {DTYPES}")
       object.__setattr__(self, name, canonical)
 
+    f = lambda name: f"MoEConfig.{name}"  # noqa: E731
     for name in ("d_model", "d_ff", "num_experts", "top_k", "n_group", "topk_group"):
-      value = getattr(self, name)
-      if not is_int(value) or value < 1:
-        _fail(name, value, "must be an integer >= 1")
+      check_int(f(name), getattr(self, name))
     for name in ("norm_topk_prob", "shared_gate", "dropless"):
-      if not isinstance(getattr(self, name), bool):
-        _fail(name, getattr(self, name), "must be a bool (True or False)")
+      check_bool(f(name), getattr(self, name))
     # Floats must be finite: an inf capacity or weight would only fail inside XLA.
     for name, positive in (("routed_scaling_factor", True), ("capacity_factor", True),
                            ("load_balance_weight", False), ("z_loss_weight", False),
                            ("bias_update_rate", False)):
-      value = getattr(self, name)
-      if not is_finite_real(value) or value < 0 or (positive and value == 0):
-        hint = " (or set dropless=True)" if name == "capacity_factor" else ""
-        _fail(name, value, f"must be a finite number {'> 0' if positive else '>= 0'}{hint}")
-      object.__setattr__(self, name, float(value))
+      hint = " (or set dropless=True)" if name == "capacity_factor" else ""
+      object.__setattr__(self, name, check_real(f(name), getattr(self, name), 0,
+                                                strict=positive, hint=hint))
     if self.top_k > self.num_experts:
       _fail("top_k", self.top_k, f"must satisfy 1 <= top_k <= num_experts={self.num_experts}")
-    if self.router not in ROUTERS:
-      _fail("router", self.router, f"must be one of {ROUTERS}")
+    check_choice(f("router"), self.router, ROUTERS)
     if self.num_experts % self.n_group:
       _fail("n_group", self.n_group, f"must divide num_experts={self.num_experts}")
     if self.topk_group > self.n_group:
@@ -125,33 +118,25 @@ class MoEConfig:
       # A group's score is the sum of its top-2 expert scores (DeepSeek-V3).
       _fail("n_group", self.n_group,
             f"needs >= 2 experts per group (num_experts={self.num_experts})")
-    if not is_int(self.n_shared_experts) or self.n_shared_experts < 0:
-      _fail("n_shared_experts", self.n_shared_experts, "must be an integer >= 0")
+    check_int(f("n_shared_experts"), self.n_shared_experts, 0)
     if self.shared_d_ff is not None and (not is_int(self.shared_d_ff) or self.shared_d_ff < 1):
       _fail("shared_d_ff", self.shared_d_ff, "must be None or an integer >= 1")
     if self.shared_gate and self.n_shared_experts == 0:
       _fail("shared_gate", self.shared_gate, "needs n_shared_experts >= 1")
-    if self.dispatch not in DISPATCH:
-      _fail("dispatch", self.dispatch, f"must be one of {DISPATCH}")
+    check_choice(f("dispatch"), self.dispatch, registry.names() + ("auto",))
     if not isinstance(self.cost_profile, str) or not self.cost_profile:
       _fail("cost_profile", self.cost_profile,
             "must be a shipped profile name (e.g. 'default') or a path to a profile JSON")
-    if self.dispatch == "auto":
-      # Load it now: `auto` would otherwise fail on first use, inside jit tracing.
-      from hiermoe_jax import cost
-      try:
-        cost.load_profile(self.cost_profile)
-      except ConfigError as e:
-        _fail("cost_profile", self.cost_profile, str(e))
     if self.bias_update_rate > 0 and self.router != "sigmoid_grouped":
       _fail("bias_update_rate", self.bias_update_rate,
             "the aux-loss-free bias applies to router='sigmoid_grouped' only")
-    if self.expert_compute not in EXPERT_COMPUTE:
-      _fail("expert_compute", self.expert_compute, f"must be one of {EXPERT_COMPUTE}")
-    if self.permute_impl not in PERMUTE_IMPLS:
-      _fail("permute_impl", self.permute_impl, f"must be one of {PERMUTE_IMPLS}")
-    if self.all_to_all not in ALL_TO_ALL_IMPLS:
-      _fail("all_to_all", self.all_to_all, f"must be one of {ALL_TO_ALL_IMPLS}")
+    check_choice(f("expert_compute"), self.expert_compute, EXPERT_COMPUTE)
+    check_choice(f("permute_impl"), self.permute_impl, PERMUTE_IMPLS)
+    check_choice(f("all_to_all"), self.all_to_all, ALL_TO_ALL_IMPLS)
+    try:
+      object.__setattr__(self, "expert_axes", check_expert_axes(self.expert_axes))
+    except ConfigError as e:
+      raise ConfigError(f"MoEConfig.{e}") from None
 
   @property
   def shared_width(self) -> int:

@@ -1,7 +1,7 @@
-"""Alpha-beta cost model of the dispatch strategies (DESIGN.md section 5).
+"""Alpha-beta cost model of the dispatch strategies (docs/design.md, section 6).
 
-A stage (one all-to-all) of kind `flat` (over all devices), `inter` (over `node`)
-or `intra` (over `local`) costs `alpha + beta * bytes`, with
+A stage (one all-to-all hop) over tier `flat` (all devices), `inter` (the slow
+axis) or `intra` (the fast axis) costs `alpha + beta * bytes`, with
 
     bytes = group_size * peak_rows_per_peer * d_model * bytes_per_elem
 
@@ -19,41 +19,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from importlib import resources
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from hiermoe_jax.config import ConfigError
+from hiermoe_jax.dispatch import registry
+from hiermoe_jax.dispatch.base import TIERS, Strategy, tier_peers
+from hiermoe_jax.errors import ConfigError, check_real
 from hiermoe_jax.mesh import MeshShape
 
-STAGE_KINDS = ("flat", "inter", "intra")
-
-# Stage kinds of each strategy, in hop order (same order as Strategy.tiers).
-_STRATEGY_STAGES = {
-    "flat": ("flat",),
-    "flat_dedup": ("flat",),
-    "gspmd": ("flat",),  # XLA's all-to-all over all devices (bench baseline)
-    "hier": ("inter", "intra"),
-    "hier_dedup": ("inter", "intra"),
-}
+STAGE_KINDS = TIERS  # a profile prices each tier a hop can cross
 
 
-def stage_kinds(strategy: str) -> tuple[str, ...]:
-  """Stage kinds of a strategy, in hop order."""
-  if strategy not in _STRATEGY_STAGES:
-    raise ValueError(f"strategy={strategy!r} has no cost model; expected one of "
-                     f"{sorted(_STRATEGY_STAGES)}")
-  return _STRATEGY_STAGES[strategy]
+def stage_kinds(strategy: str | Strategy) -> tuple[str, ...]:
+  """Stage kinds of a strategy (a registered name or a record): its tiers, in hop order."""
+  if isinstance(strategy, Strategy):
+    return strategy.tiers
+  return registry.get_strategy(strategy).tiers
 
 
 def group_size(kind: str, shape: MeshShape) -> int:
   """Peers of one all-to-all of this stage kind."""
   if kind not in STAGE_KINDS:
     raise ValueError(f"stage kind {kind!r} must be one of {STAGE_KINDS}")
-  return {"flat": shape.devices, "inter": shape.nodes, "intra": shape.local}[kind]
+  return tier_peers(kind, shape)
 
 
 def stage_bytes(group: int, max_rows_per_peer, d_model: int, bytes_per_elem: int):
@@ -62,12 +53,7 @@ def stage_bytes(group: int, max_rows_per_peer, d_model: int, bytes_per_elem: int
 
 
 def _check_number(owner: str, field: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ConfigError(f"{owner}.{field}={value!r} is invalid: must be a number >= 0")
-  value = float(value)
-  if not math.isfinite(value) or value < 0:
-    raise ConfigError(f"{owner}.{field}={value!r} is invalid: must be a finite number >= 0")
-  return value
+  return check_real(f"{owner}.{field}", value, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +180,9 @@ def stage_time_ms(kind: str, peak_rows, profile: CostProfile, shape: MeshShape,
   return 2 * profile.stage(kind).time_ms(nbytes)
 
 
-def predict_from_peak_rows(strategy: str, peak_rows_per_hop: Sequence, profile: CostProfile,
-                           shape: MeshShape, d_model: int, bytes_per_elem: int):
+def predict_from_peak_rows(strategy: str | Strategy, peak_rows_per_hop: Sequence,
+                           profile: CostProfile, shape: MeshShape, d_model: int,
+                           bytes_per_elem: int):
   """Predicted dispatch + combine time (ms) from each hop's peak rows per peer.
 
   peak_rows_per_hop: one entry per hop of the strategy (flat kinds: 1, hier: 2),
@@ -211,19 +198,18 @@ def predict_from_peak_rows(strategy: str, peak_rows_per_hop: Sequence, profile: 
               for kind, rows in zip(kinds, peak_rows_per_hop)), 0.0)
 
 
-def peak_rows_per_hop(strategy: str, traffic_entry: Mapping) -> tuple:
+def peak_rows_per_hop(strategy: str | Strategy, traffic_entry: Mapping) -> tuple:
   """Per-hop peak rows per peer from one `traffic.stats` entry.
 
-  Flat kinds take max(inter, intra) (one hop serves both), hier kinds take the
-  inter maximum for the `node` hop and the intra maximum for the `local` hop.
+  A flat hop takes max(inter, intra) (one hop serves both link classes); an inter
+  or intra hop takes its own class's maximum.
   """
   peak = traffic_entry["max_rows_per_peer"]
-  if stage_kinds(strategy) == ("flat",):
-    return (max(peak["inter"], peak["intra"]),)
-  return (peak["inter"], peak["intra"])
+  return tuple(max(peak["inter"], peak["intra"]) if kind == "flat" else peak[kind]
+               for kind in stage_kinds(strategy))
 
 
-def predict(strategy: str, traffic_or_rows, profile: CostProfile, *, mesh_shape,
+def predict(strategy: str | Strategy, traffic_or_rows, profile: CostProfile, *, mesh_shape,
             d_model: int, bytes_per_elem: int):
   """Predicted dispatch + combine time (ms) of one strategy.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from hiermoe_jax.config import ConfigError, is_finite_real, is_int
+from hiermoe_jax.errors import ConfigError, is_finite_real, is_int
 
 
 def _require(config: Mapping[str, Any], key: str, family: str) -> Any:

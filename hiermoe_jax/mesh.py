@@ -1,9 +1,9 @@
-"""The ("node", "local") device mesh and the PartitionSpecs this library uses.
+"""The device mesh, its expert-parallel hierarchy and the PartitionSpecs this library uses.
 
-Axes are ordered slowest link first: `node` is a host (or any slow-link group),
-`local` the devices sharing a fast link. Device (n, l) has linear index
-n * local + l; expert slots and token shards are laid out in that order.
-All PartitionSpecs come from here, so the sharding convention lives in one place.
+The default mesh has axes ("node", "local"), slowest link first: `node` is a host
+(or any slow-link group), `local` the devices sharing a fast link. A block may use
+other axis names (`MoEConfig.expert_axes`); `MeshShape` carries them. All
+PartitionSpecs come from here, so the sharding convention lives in one place.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from hiermoe_jax.config import ConfigError, is_int
+from hiermoe_jax.errors import ConfigError, is_int
 
 NODE = "node"
 LOCAL = "local"
@@ -51,25 +51,65 @@ def make_mesh(nodes: int | None = None, local: int | None = None, *, devices=Non
 
 @dataclasses.dataclass(frozen=True)
 class MeshShape:
-  """Static facts about a mesh that dispatch code needs (hashable, jit-static)."""
+  """The expert-parallel hierarchy of a mesh: the one place that owns its sharding.
+
+  `axes` are the mesh axes the experts (and tokens) are split over, slowest link
+  first: ("node", "local") by default, any names the user's mesh has, or one axis
+  (then `nodes` is 1). Device (n, l) has linear index n * local + l; expert slots
+  and token shards are laid out in that order. Hashable and jit-static; host code
+  (traffic statistics, cost model, swap search) builds it from numbers alone.
+  """
   nodes: int
   local: int
+  axes: tuple[str, ...] = AXES
 
   @property
   def devices(self) -> int:
     return self.nodes * self.local
 
   @classmethod
-  def of(cls, mesh: Mesh) -> "MeshShape":
-    if tuple(mesh.axis_names) != AXES:
-      raise ValueError(f"mesh axis_names={tuple(mesh.axis_names)} are invalid: "
-                       f"hiermoe_jax needs a mesh with axes {AXES} (see make_mesh)")
-    return cls(nodes=mesh.shape[NODE], local=mesh.shape[LOCAL])
+  def of(cls, mesh: Mesh, axes=AXES) -> "MeshShape":
+    axes = check_expert_axes(axes)
+    if set(mesh.axis_names) != set(axes):
+      raise ConfigError(f"expert_axes={axes} is invalid for a mesh with axes "
+                        f"{tuple(mesh.axis_names)}: the mesh must have exactly these axes "
+                        "(see make_mesh)")
+    sizes = [mesh.shape[name] for name in axes]
+    return cls(nodes=sizes[0] if len(axes) == 2 else 1, local=sizes[-1], axes=axes)
+
+  def tier_axes(self, tier: str) -> tuple[str, ...]:
+    """Mesh axes a hop over `tier` crosses; () for "inter" on a one-axis hierarchy."""
+    if tier == "flat":
+      return self.axes
+    if tier == "inter":
+      return self.axes[:1] if len(self.axes) == 2 else ()
+    return self.axes[-1:]
+
+  def index(self, tier: str):
+    """This device's index along `tier`, inside shard_map (0 along no axis)."""
+    axes = self.tier_axes(tier)
+    return jax.lax.axis_index(axes) if axes else 0
+
+  def rows(self, ndim: int) -> P:
+    """Leading dim split over the expert devices (expert stacks, token batches)."""
+    return P(self.axes, *([None] * (ndim - 1)))
 
 
-def sharded_rows(ndim: int) -> P:
-  """Leading dim split over all devices (expert stacks, token batches)."""
-  return P(AXES, *([None] * (ndim - 1)))
+def check_expert_axes(axes) -> tuple[str, ...]:
+  """One or two distinct mesh axis names, slowest first."""
+  if isinstance(axes, str) or not isinstance(axes, (tuple, list)):
+    axes = (axes,)
+  axes = tuple(axes)
+  if not 1 <= len(axes) <= 2 or len(set(axes)) != len(axes) or not all(
+      isinstance(a, str) and a for a in axes):
+    raise ConfigError(f"expert_axes={axes!r} is invalid: must be one or two distinct mesh "
+                      "axis names, slowest link first, e.g. ('node', 'local') or ('expert',)")
+  return axes
+
+
+def sharded_rows(ndim: int, axes=AXES) -> P:
+  """Leading dim split over the expert devices (expert stacks, token batches)."""
+  return P(tuple(axes), *([None] * (ndim - 1)))
 
 
 def replicated() -> P:

@@ -1,9 +1,13 @@
 """The functional core: `moe_apply(params, x, config=, mesh=) -> (y, aux)`.
 
-Routing runs on the token-sharded batch under jit; the token exchange, expert
-compute and combine run per device inside `jax.shard_map` over the
-("node", "local") mesh, with the strategy named by `config.dispatch`.
-Legend: T tokens, K top-k, E experts, D model dim.
+Routing runs on the token-sharded batch under jit; then, per device inside
+`jax.shard_map` over the expert hierarchy (`config.expert_axes`):
+
+    route -> exchange.dispatch -> experts.local_experts -> exchange.combine -> aux
+
+with the strategy named by `config.dispatch` (or, for "auto", the one
+`dispatch.auto` prices cheapest on this call's routing).
+Legend (docs/legend.md): T tokens, K top-k, E experts, D model dim.
 """
 
 from __future__ import annotations
@@ -17,16 +21,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from hiermoe_jax import mesh as mesh_lib
-from hiermoe_jax import routing as routing_lib
 from hiermoe_jax import cost
-from hiermoe_jax.config import STRATEGIES, MoEConfig
-from hiermoe_jax.dispatch import auto, exchange, get_strategy
+from hiermoe_jax import routing as routing_lib
+from hiermoe_jax.config import ConfigError, MoEConfig
+from hiermoe_jax.dispatch import auto, exchange, registry
+from hiermoe_jax.dispatch.base import Strategy, traffic_classes
 from hiermoe_jax.dispatch.capacity import capacities
-from hiermoe_jax.experts import shared_experts
-from hiermoe_jax.dispatch.base import traffic_classes
-from hiermoe_jax.mesh import AXES, MeshShape
-from hiermoe_jax.validate import validate_for_mesh, validate_placement, validate_tokens
+from hiermoe_jax.experts import local_experts, shared_experts
+from hiermoe_jax.mesh import MeshShape
+from hiermoe_jax.validate import check_placement, validate_for_mesh, validate_tokens
 
 
 @flax.struct.dataclass
@@ -46,13 +49,13 @@ class MoEAux:
   rows: dict[str, jax.Array]  # {"inter", "intra"} rows sent, summed over devices
   max_rows_per_peer: dict[str, jax.Array]  # {"inter", "intra"} max over (device, peer)
   dedup_rate: dict[str, jax.Array]  # {"node", "device"} copies removed by dedup
-  strategy_index: jax.Array  # index into STRATEGIES of the strategy that ran
+  strategy_index: jax.Array  # index into dispatch.names() of the strategy that ran
   predicted_ms: dict[str, jax.Array]  # "auto" only: the cost model's time per strategy
   strategy: str = flax.struct.field(pytree_node=False, default="flat")  # config.dispatch
 
   def strategy_ran(self) -> str:
     """Name of the strategy that ran (resolves "auto"; needs a concrete aux)."""
-    return STRATEGIES[int(self.strategy_index)]
+    return registry.names()[int(self.strategy_index)]
 
 
 def inverse_placement(placement, num_experts: int):
@@ -75,7 +78,7 @@ def _traffic(hop_stats, tiers, shape: MeshShape):
   zero = jnp.int32(0)
   rows = {"inter": zero, "intra": zero}
   peak = {"inter": zero, "intra": zero}
-  me = jax.lax.axis_index(AXES)
+  me = shape.index("flat")
   for tier, stats in zip(tiers, hop_stats):
     counts_P = stats.rows_to_peer_P
     peers = jnp.arange(counts_P.shape[0])
@@ -97,58 +100,73 @@ def _use_ragged(config: MoEConfig, mesh: Mesh) -> bool:
   return True
 
 
-def _run_strategy(name, x_TD, slots_TK, w_TK, expert_params, *, caps, layout, stage_keys):
-  """One strategy on this device; returns y and its psum/pmax-reduced statistics."""
-  strategy = get_strategy(name)
-  expert_fn = functools.partial(exchange.local_experts, expert_params=expert_params,
-                                capacity=caps[name].expert, layout=layout)
-  y_TD, stats = exchange.run(x_TD, slots_TK, w_TK, strategy=strategy,
-                             hop_caps=caps[name].hops, layout=layout, expert_fn=expert_fn)
-  rows, peak = _traffic(stats.hops, strategy.tiers, layout.shape)
-  dropped = {key: jnp.int32(0) for key in stage_keys}
-  dropped.update({tier: s.dropped_pairs for tier, s in zip(strategy.tiers, stats.hops)})
-  dropped["expert"] = stats.expert_dropped
-  return y_TD, (jax.lax.psum(dropped, AXES), jax.lax.psum(rows, AXES), jax.lax.pmax(peak, AXES))
+def _device_moe(strategy: Strategy, x_TD, slots_TK, w_TK, expert_params, *, caps, layout):
+  """One strategy on this device: dispatch -> local experts -> combine.
+
+  Returns y and its statistics, reduced over the devices: (dropped per stage,
+  rows per link class, peak rows per peer per link class).
+  """
+  cap = caps[strategy.name]
+  rows_RD, slots_RM, w_RM, handle = exchange.dispatch(x_TD, slots_TK, w_TK, strategy,
+                                                      capacities=cap.hops, layout=layout)
+  with jax.named_scope("experts"):
+    y_RD, expert_dropped = local_experts(rows_RD, slots_RM, w_RM, expert_params,
+                                         capacity=cap.expert, layout=layout)
+  y_TD = exchange.combine(y_RD, handle)
+  rows, peak = _traffic(handle.stats, strategy.tiers, layout.shape)
+  dropped = {tier: s.dropped_pairs for tier, s in zip(strategy.tiers, handle.stats)}
+  dropped["expert"] = expert_dropped
+  axes = layout.shape.axes
+  return y_TD, (jax.lax.psum(dropped, axes), jax.lax.psum(rows, axes), jax.lax.pmax(peak, axes))
 
 
 def _device_step(x_TD, slots_TK, w_TK, expert_params, *, dispatch, caps, layout, profile,
                  top_k, bytes_per_elem):
-  """Per device: run `dispatch`, or for "auto" price the strategies and run the cheapest."""
-  names = tuple(caps)  # the fixed strategy, or auto's candidates
-  # Every branch reports the same statistics structure: all its candidates' stages.
-  keys = tuple(dict.fromkeys(t for n in names for t in get_strategy(n).tiers)) + ("expert",)
-  branch = lambda name: functools.partial(_run_strategy, name, caps=caps, layout=layout,  # noqa: E731
-                                          stage_keys=keys)
+  """Per device: run `dispatch`, or for "auto" the candidate it prices cheapest."""
+  body = functools.partial(_device_moe, caps=caps, layout=layout)
   operands = (x_TD, slots_TK, w_TK, expert_params)
   if dispatch != "auto":
-    y_TD, reduced = branch(dispatch)(*operands)
-    return y_TD, reduced + (jnp.int32(STRATEGIES.index(dispatch)), {})
+    y_TD, reduced = body(registry.get_strategy(dispatch), *operands)
+    return y_TD, reduced + (jnp.int32(registry.names().index(dispatch)), {})
   (y_TD, reduced), index, predicted = auto.run_cheapest(
-      branch, operands, slots_TK, profile=profile, shape=layout.shape,
+      body, operands, slots_TK, profile=profile, shape=layout.shape,
       experts_per_device=layout.experts_per_device, top_k=top_k, d_model=x_TD.shape[-1],
       bytes_per_elem=bytes_per_elem)
   return y_TD, reduced + (index, predicted)
+
+
+def load_profile(config: MoEConfig) -> cost.CostProfile | None:
+  """`auto`'s cost profile (None for a fixed strategy); a bad one names the field."""
+  if config.dispatch != "auto":
+    return None
+  try:
+    return cost.load_profile(config.cost_profile)
+  except ConfigError as e:
+    raise ConfigError(f"MoEConfig.cost_profile={config.cost_profile!r} is invalid: {e}") from None
 
 
 def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
               router_bias=None) -> tuple[jax.Array, MoEAux]:
   """Applies the MoE block to x [..., d_model] (tokens sharded over the mesh).
 
-  placement: optional [E] permutation, physical slot -> logical expert; expert
-    weights in `params["experts"]` are stored in that physical order.
+  placement: optional [E] permutation, physical slot -> logical expert (a list or
+    any integer array); expert weights in `params["experts"]` are stored in that
+    physical order.
   router_bias: the DeepSeek-V3 selection bias [E] (state from `init_router_bias`).
   """
   shape = validate_for_mesh(config, mesh)
-  validate_placement(placement, config.num_experts)
+  if placement is not None:
+    placement = check_placement(placement, config.num_experts)
   validate_tokens(math.prod(x.shape[:-1]), x.shape[-1], config, shape)
-  return _moe_apply(params, x, placement, router_bias, config=config, mesh=mesh)
+  return _moe_apply(params, x, placement, router_bias, config=config, mesh=mesh,
+                    profile=load_profile(config))
 
 
 # Under an outer jit this is inlined; called eagerly, it compiles once per
 # (config, mesh, shapes) instead of dispatching every op through shard_map.
-@functools.partial(jax.jit, static_argnames=("config", "mesh"))
-def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Mesh):
-  shape = MeshShape.of(mesh)
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "profile"))
+def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Mesh, profile):
+  shape = MeshShape.of(mesh, config.expert_axes)
   lead, d_in = x.shape[:-1], x.shape[-1]
   x_TD = x.reshape(-1, d_in)
   tokens_per_device = x_TD.shape[0] // shape.devices
@@ -162,22 +180,21 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
 
   names = (auto.candidates(shape, config.top_k) if config.dispatch == "auto"
            else (config.dispatch,))
-  caps = {name: capacities(get_strategy(name), tokens=tokens_per_device, top_k=config.top_k,
-                           num_experts=config.num_experts, shape=shape,
+  caps = {name: capacities(registry.get_strategy(name), tokens=tokens_per_device,
+                           top_k=config.top_k, num_experts=config.num_experts, shape=shape,
                            capacity_factor=config.capacity_factor, dropless=config.dropless)
           for name in names}
-  profile = cost.load_profile(config.cost_profile) if config.dispatch == "auto" else None
   layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute,
                            ragged=_use_ragged(config, mesh))
-  rows_spec = mesh_lib.sharded_rows(2)
-  expert_specs = jax.tree.map(lambda a: mesh_lib.sharded_rows(a.ndim), params["experts"])
+  rows_spec = shape.rows(2)
+  expert_specs = jax.tree.map(lambda a: shape.rows(a.ndim), params["experts"])
   step = jax.shard_map(
       functools.partial(_device_step, dispatch=config.dispatch, caps=caps, layout=layout,
                         profile=profile, top_k=config.top_k,
                         bytes_per_elem=jnp.dtype(config.dtype).itemsize),
       mesh=mesh,
       in_specs=(rows_spec, rows_spec, rows_spec, expert_specs),
-      out_specs=(rows_spec, mesh_lib.replicated()),
+      out_specs=(rows_spec, jax.sharding.PartitionSpec()),
       # Pallas kernels (interpreted on CPU) trace their bodies with index math
       # that shard_map's varying-axes check rejects. Skipping the check is safe
       # here: every input is sharded and the replicated outputs are explicit psums.

@@ -3,7 +3,7 @@
 params = {
   "router":  {"kernel": [D, E]}                      logical expert order, replicated
   "experts": {"gate": [E, D, F], "up": [E, D, F],    physical slot order, sharded
-              "down": [E, F, D]}                      over ("node", "local") on dim 0
+              "down": [E, F, D]}                      over config.expert_axes on dim 0
   "shared":  {"gate": [D, S], "up": [D, S], "down": [S, D]}     (if n_shared_experts)
   "shared_gate": {"kernel": [D, 1]}                              (if shared_gate)
 }
@@ -39,7 +39,7 @@ def param_specs(config: MoEConfig) -> dict:
   """PartitionSpecs matching `param_shapes`: expert stacks split, the rest replicated."""
   def spec(path, shape):
     if path[0].key == "experts":
-      return mesh_lib.sharded_rows(len(shape))
+      return mesh_lib.sharded_rows(len(shape), config.expert_axes)
     return mesh_lib.replicated()
   return jax.tree_util.tree_map_with_path(spec, param_shapes(config),
                                           is_leaf=lambda x: isinstance(x, tuple))

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from hiermoe_jax.config import STRATEGIES
-from hiermoe_jax.dispatch import get_strategy
-from hiermoe_jax.dispatch.base import peer_along, traffic_classes
-from hiermoe_jax.dispatch.capacity import capacities, tier_peers
+from hiermoe_jax.dispatch import registry
+from hiermoe_jax.dispatch.base import peer_along, receiver, tier_peers, traffic_classes
+from hiermoe_jax.dispatch.capacity import capacities
 from hiermoe_jax.mesh import MeshShape
+from hiermoe_jax.validate import check_experts_fit, check_placement
 
 
 def _ranks(keys_sorted_by_group: np.ndarray) -> np.ndarray:
@@ -29,18 +29,10 @@ def _ranks(keys_sorted_by_group: np.ndarray) -> np.ndarray:
   return np.arange(n) - first
 
 
-def _receiver(device, peer, tier, shape: MeshShape):
-  if tier == "device":
-    return peer
-  if tier == "node":
-    return peer * shape.local + device % shape.local
-  return (device // shape.local) * shape.local + peer
-
-
 def simulate(slots_DTK: np.ndarray, strategy: str, shape: MeshShape, num_experts: int, *,
              hop_caps=None, expert_cap=None) -> dict:
   """Replays one strategy. Capacities of None mean unlimited (dropless)."""
-  strat = get_strategy(strategy)
+  strat = registry.get_strategy(strategy)
   devices, tokens, top_k = slots_DTK.shape
   per_device = num_experts // shape.devices
   dev, tok, k = (a.ravel() for a in np.indices(slots_DTK.shape))
@@ -70,7 +62,7 @@ def simulate(slots_DTK: np.ndarray, strategy: str, shape: MeshShape, num_experts
     src_dev, dst_peer = cur[moved], peer[moved]
     source_index = peer_along(src_dev, tier, shape)
     row[moved] = source_index * cap + pos[inverse][kept_part[inverse]]
-    cur[moved] = _receiver(src_dev, dst_peer, tier, shape)
+    cur[moved] = receiver(src_dev, dst_peer, tier, shape)
   # Expert stage: first `expert_cap` entries per (device, local expert), by (row, k).
   live = np.flatnonzero(alive)
   local = slot[live] - cur[live] * per_device
@@ -100,31 +92,31 @@ def inter_node_floor(slots_DTK: np.ndarray, shape: MeshShape, num_experts: int) 
 
 
 def stats(topk_ids, *, mesh_shape, num_experts: int, placement=None, d_model: int,
-          bytes_per_elem: int = 4, strategies=STRATEGIES, capacity_factor: float | None = None
+          bytes_per_elem: int = 4, strategies=None, capacity_factor: float | None = None
           ) -> dict:
   """Per-strategy rows, bytes, per-peer maxima, dedup rates and drops.
 
   topk_ids: int [N*G, T, K] logical expert ids, one row of tokens per device in
   mesh order. placement: [E] physical slot -> logical expert (identity if None).
   capacity_factor: None for dropless buffers, else the MoEConfig capacity factor.
+  strategies: names to replay (default: every registered strategy).
   """
   shape = MeshShape(*mesh_shape)
   ids = np.asarray(topk_ids)
   if ids.ndim != 3 or ids.shape[0] != shape.devices:
     raise ValueError(f"topk_ids has shape {ids.shape}; expected [N*G={shape.devices}, T, K]")
-  if num_experts % shape.devices:
-    raise ValueError(f"num_experts={num_experts} must be a multiple of {shape.devices} devices")
+  check_experts_fit(num_experts, shape)
   if ids.min() < 0 or ids.max() >= num_experts:
     raise ValueError(f"topk_ids must lie in [0, {num_experts}); got [{ids.min()}, {ids.max()}]")
   slot_of = (np.arange(num_experts) if placement is None
-             else np.argsort(np.asarray(placement)))
+             else np.argsort(check_placement(placement, num_experts)))
   slots = slot_of[ids]
   _, tokens, top_k = ids.shape
   rates = {"node": dedup_rate(slots, num_experts // shape.nodes),
            "device": dedup_rate(slots, num_experts // shape.devices)}
   out = {}
-  for name in strategies:
-    strategy = get_strategy(name)
+  for name in registry.names() if strategies is None else strategies:
+    strategy = registry.get_strategy(name)
     hop_caps = expert_cap = None
     if capacity_factor is not None:
       caps = capacities(strategy, tokens=tokens, top_k=top_k, num_experts=num_experts,

@@ -1,20 +1,31 @@
-"""Checks of a config, inputs and placement against a concrete mesh."""
+"""Checks of a config, inputs and placements against a concrete mesh.
+
+Each rule lives here once: "experts divide the devices" (`check_experts_fit`) and
+"a placement is a permutation" (`check_placement`) serve the block, the swap
+search and migration, the traffic statistics and the command lines alike.
+"""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from hiermoe_jax.config import ConfigError, MoEConfig
+from hiermoe_jax.config import MoEConfig
+from hiermoe_jax.errors import ConfigError
 from hiermoe_jax.mesh import MeshShape
 
 
+def check_experts_fit(num_experts: int, shape: MeshShape, name: str = "num_experts") -> None:
+  """Experts spread evenly over the devices of the expert hierarchy."""
+  if num_experts % shape.devices:
+    raise ConfigError(f"{name}={num_experts} is invalid: must be a multiple of the "
+                      f"{shape.devices} devices of the {shape.nodes}x{shape.local} mesh")
+
+
 def validate_for_mesh(config: MoEConfig, mesh: Mesh) -> MeshShape:
-  shape = MeshShape.of(mesh)
-  if config.num_experts % shape.devices:
-    raise ConfigError(
-        f"MoEConfig.num_experts={config.num_experts} is invalid for a {shape.nodes}x"
-        f"{shape.local} mesh: it must be a multiple of the device count {shape.devices}")
+  shape = MeshShape.of(mesh, config.expert_axes)
+  check_experts_fit(config.num_experts, shape, "MoEConfig.num_experts")
   return shape
 
 
@@ -27,17 +38,29 @@ def validate_tokens(num_tokens: int, d_model_in: int, config: MoEConfig, shape: 
                      f"of the mesh cannot split evenly; use a multiple of {shape.devices}")
 
 
-def validate_placement(placement, num_experts: int) -> None:
-  """A placement must be a permutation of range(num_experts) (checked when concrete)."""
-  if placement is None:
-    return
-  if tuple(placement.shape) != (num_experts,):
-    raise ValueError(f"placement has shape {tuple(placement.shape)}; expected ({num_experts},), "
-                     "a permutation from physical slot to logical expert")
-  try:
-    values = np.asarray(placement)
-  except Exception:  # a tracer: checked by the caller's own invariants
-    return
+def check_placement(placement, num_experts: int | None = None, name: str = "placement"):
+  """A placement maps physical slot -> logical expert: a permutation of range(E).
+
+  Accepts a list or any integer array; returns it as an int32 array.
+  num_experts=None takes E from a one-dimensional placement. A traced placement
+  cannot be checked here and is returned as it is.
+  """
+  if num_experts is None:
+    num_experts = np.shape(placement)[0] if np.ndim(placement) == 1 else -1
+  if isinstance(placement, jax.core.Tracer):
+    if placement.shape != (num_experts,) or not np.issubdtype(placement.dtype, np.integer):
+      raise ValueError(f"{name} has shape {placement.shape} and dtype {placement.dtype}; "
+                       f"expected an integer array of shape ({num_experts},)")
+    return placement.astype(np.int32)
+  values = np.asarray(placement)
+  if values.shape != (num_experts,) or not (
+      np.issubdtype(values.dtype, np.integer) or values.size == 0):
+    raise ValueError(f"{name} has shape {values.shape} and dtype {values.dtype}; expected an "
+                     f"integer array of shape ({num_experts},), a permutation from physical "
+                     "slot to logical expert")
   if not np.array_equal(np.sort(values), np.arange(num_experts)):
-    raise ValueError(f"placement={values.tolist()} is not a permutation of "
-                     f"range({num_experts})")
+    raise ValueError(f"{name}={values.tolist()} is invalid: not a permutation of "
+                     f"range({num_experts}), a map from physical slot to logical expert")
+  if isinstance(placement, jax.Array):  # keep it on its devices
+    return placement.astype(np.int32)
+  return values.astype(np.int32)

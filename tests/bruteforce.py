@@ -15,16 +15,16 @@ from hiermoe_jax.dispatch import get_strategy
 
 def _peer(slot, tier, nodes, local, per_device):
   device = slot // per_device
-  return {"device": device, "node": device // local, "local": device % local}[tier]
+  return {"flat": device, "inter": device // local, "intra": device % local}[tier]
 
 
 def _source_device(receiver, q, tier, local):
   node, loc = divmod(receiver, local)
-  return {"device": q, "node": q * local + loc, "local": node * local + q}[tier]
+  return {"flat": q, "inter": q * local + loc, "intra": node * local + q}[tier]
 
 
 def _peers(tier, nodes, local):
-  return {"device": nodes * local, "node": nodes, "local": local}[tier]
+  return {"flat": nodes * local, "inter": nodes, "intra": local}[tier]
 
 
 def simulate(slots, *, strategy, nodes, local, num_experts, hop_caps=None, expert_cap=None):

@@ -118,5 +118,6 @@ def test_invalid_inputs_have_clear_errors():
     hm.moe_apply(params, x[:, :8], config=config, mesh=mesh)
   with pytest.raises(ValueError, match="not a permutation"):
     hm.moe_apply(params, x, config=config, mesh=mesh, placement=jnp.zeros(16, jnp.int32))
-  with pytest.raises(ValueError, match="num_experts=12.*multiple of the device count 8"):
+  with pytest.raises(ValueError,
+                     match="num_experts=12 is invalid: must be a multiple of the 8 devices"):
     hm.init_params(jax.random.key(0), config.replace(num_experts=12, top_k=2), mesh)

@@ -31,8 +31,8 @@ def _bruteforce_stats(slots, shape, num_experts, strategy, caps=None):
   for tier, sent in zip(get_strategy(strategy).tiers, sim["sent"]):
     for d, row in enumerate(sent):
       for p, n in enumerate(row):
-        dest = {"device": p, "node": p * shape.local + d % shape.local,
-                "local": d // shape.local * shape.local + p}[tier]
+        dest = {"flat": p, "inter": p * shape.local + d % shape.local,
+                "intra": d // shape.local * shape.local + p}[tier]
         if dest == d:
           continue
         kind = "inter" if dest // shape.local != d // shape.local else "intra"

@@ -19,6 +19,8 @@ import pathlib
 from typing import Callable
 
 from hiermoe_jax.config import SEED_LIMIT, ConfigError
+from hiermoe_jax.mesh import MeshShape
+from hiermoe_jax.validate import check_experts_fit as check_experts_fit_on
 
 __all__ = ["ArgumentParser", "ConfigError", "integer", "real", "seed", "mesh_shape",
            "check_topk", "check_experts_fit", "check_profile", "output_file", "output_dir"]
@@ -88,10 +90,8 @@ def check_topk(top_k: int, experts: int) -> None:
 
 
 def check_experts_fit(experts: int, nodes: int, local: int) -> None:
-  """Experts spread evenly over the mesh's devices."""
-  if experts % (nodes * local):
-    raise ConfigError(f"--experts={experts} is invalid: must be a multiple of the "
-                      f"{nodes * local} devices of the {nodes}x{local} mesh")
+  """--experts spread evenly over the mesh's devices (validate.check_experts_fit)."""
+  check_experts_fit_on(experts, MeshShape(nodes, local), "--experts")
 
 
 def check_profile(name: str) -> None:

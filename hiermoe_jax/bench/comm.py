@@ -24,11 +24,20 @@ import numpy as np
 from hiermoe_jax import cost, traffic
 from hiermoe_jax.bench import cli, synthetic
 from hiermoe_jax import config as config_lib
-from hiermoe_jax.config import STRATEGIES, ConfigError
+from hiermoe_jax.config import ConfigError
+from hiermoe_jax.dispatch import registry
+from hiermoe_jax.dispatch.base import Strategy
 from hiermoe_jax.dispatch import auto
 from hiermoe_jax.mesh import MeshShape
 
 BASELINES = ("gspmd",)  # timed mode only: XLA-partitioned dense dispatch
+# gspmd's one all-to-all over all devices, for the cost model (not an engine strategy).
+GSPMD = Strategy("gspmd", tiers=("flat",), dedup=False, auto_candidate=False)
+
+
+def _priced(name: str):
+  """What the cost model prices for a result row: a registered name or GSPMD."""
+  return GSPMD if name == "gspmd" else name
 DEFAULT_MESH = (2, 4)
 
 
@@ -51,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="MoEConfig.capacity_factor; omit for dropless buffers")
   p.add_argument("--bytes-per-elem", type=positive_int, default=4,
                  help="analytic only; timed mode uses the size of --dtype")
-  p.add_argument("--strategies", default=",".join(STRATEGIES),
-                 help=f"any of {list(STRATEGIES)}; timed mode also {list(BASELINES)}")
+  p.add_argument("--strategies", default=",".join(registry.names()),
+                 help=f"any of {list(registry.names())} or auto; timed mode also "
+                      f"{list(BASELINES)}")
   p.add_argument("--json", type=cli.output_file, default=None,
                  help="write JSON here ('-' for stdout)")
   timed = p.add_argument_group("timed mode")
@@ -133,7 +143,8 @@ def analytic(args, ids=None) -> dict:
     ids = routing(args.routing, devices=nodes * local, tokens=args.tokens,
                   num_experts=args.experts, top_k=args.topk, seed=args.seed)
   names = args.strategies.split(",")
-  known = list(STRATEGIES) if "auto" in names else [n for n in names if n in STRATEGIES]
+  strategies = registry.names()
+  known = list(strategies) if "auto" in names else [n for n in names if n in strategies]
   per = traffic.stats(ids, mesh_shape=(nodes, local), num_experts=args.experts,
                       d_model=args.hidden, bytes_per_elem=args.bytes_per_elem,
                       strategies=known or ["flat"], capacity_factor=args.capacity_factor)
@@ -155,10 +166,10 @@ def analytic(args, ids=None) -> dict:
 def auto_entry(per: dict, profile, mesh_shape, args) -> dict:
   """What `auto` sends: the traffic of the strategy the cost model picks."""
   predicted = {n: cost.predict(n, per[n], profile, mesh_shape=mesh_shape, d_model=args.hidden,
-                               bytes_per_elem=args.bytes_per_elem) for n in STRATEGIES}
+                               bytes_per_elem=args.bytes_per_elem) for n in registry.names()}
   shape = mesh_shape if isinstance(mesh_shape, MeshShape) else MeshShape(*mesh_shape)
   names = auto.candidates(shape, args.topk)
-  best = min(names, key=lambda n: (predicted[n], STRATEGIES.index(n)))
+  best = min(names, key=lambda n: (predicted[n], registry.names().index(n)))
   return {**per[best], "strategy": "auto", "auto_choice": best}
 
 
@@ -265,14 +276,14 @@ def timed(args) -> dict | None:
     if name == "auto":  # decided with the profile actually in use (it may be fitted)
       stats = traffic.stats(ids, mesh_shape=(shape.nodes, shape.local),
                             num_experts=args.experts, d_model=args.hidden,
-                            bytes_per_elem=bpe, strategies=STRATEGIES)
+                            bytes_per_elem=bpe)
       r = report["results"][i] = auto_entry(stats, profile, shape, args)
       r.update(info[name])
       caps = r["hop_capacity_by_strategy"][r["auto_choice"]]
     else:
       r.update(info[name])
       caps = info[name]["hop_capacity"]
-    r["predicted_ms"] = float(cost.predict(r.get("auto_choice", name), caps, profile,
+    r["predicted_ms"] = float(cost.predict(_priced(r.get("auto_choice", name)), caps, profile,
                                            mesh_shape=shape, d_model=args.hidden,
                                            bytes_per_elem=bpe))
     if args.backward:  # the VJP repeats every all-to-all once more
@@ -288,7 +299,7 @@ def _stage_bytes_of(timed_lib, ids, name, shape, args, bpe) -> int:
   else:
     caps = timed_lib.tight_hop_caps(ids, name, shape, args.experts)
   return max(cost.stage_bytes(cost.group_size(kind, shape), c, args.hidden, bpe)
-             for kind, c in zip(cost.stage_kinds(name), caps))
+             for kind, c in zip(cost.stage_kinds(_priced(name)), caps))
 
 
 def main(argv=None) -> int:

@@ -33,10 +33,9 @@ from hiermoe_jax import cost, traffic
 from hiermoe_jax.cluster import distributed
 from hiermoe_jax.config import ConfigError
 from hiermoe_jax.dispatch import exchange, get_strategy
-from hiermoe_jax.dispatch.base import Strategy
+from hiermoe_jax.dispatch.base import Strategy, receiver
 from hiermoe_jax.mesh import AXES, MeshShape
 
-_KIND_TIER = {"flat": "device", "inter": "node", "intra": "local"}
 
 
 def start(mesh_arg: tuple[int, int] | None):
@@ -132,20 +131,27 @@ def _with_backward(forward: Callable, backward: bool) -> Callable:
   return step
 
 
+def _exchange_only(strategy, x_TD, slots_TK, w_TK, *, hop_caps, layout):
+  """dispatch -> stand-in experts -> combine: the exchange with no expert FFN.
+  Returns (y, (drops per stage,)) in the shape `auto.run_cheapest` expects."""
+  rows_RD, slots_RM, w_RM, handle = exchange.dispatch(x_TD, slots_TK, w_TK, strategy,
+                                                      capacities=hop_caps, layout=layout)
+  y_RD, _ = _stand_in_experts(rows_RD, slots_RM, w_RM)
+  return exchange.combine(y_RD, handle), ({},)
+
+
 def exchange_step(mesh, strategy: str | Strategy, hop_caps: tuple[int, ...], num_experts: int,
                   backward: bool) -> Callable:
   """jit(step)(x, slots, w, ct) running one strategy's dispatch + combine."""
   import jax
-  from hiermoe_jax.mesh import sharded_rows
-  layout = exchange.Layout(MeshShape.of(mesh), num_experts)
+  shape = MeshShape.of(mesh)
+  layout = exchange.Layout(shape, num_experts)
   strat = get_strategy(strategy) if isinstance(strategy, str) else strategy
 
   def device(x_TD, slots_TK, w_TK):
-    y_TD, _ = exchange.run(x_TD, slots_TK, w_TK, strategy=strat, hop_caps=hop_caps,
-                           layout=layout, expert_fn=_stand_in_experts)
-    return y_TD
+    return _exchange_only(strat, x_TD, slots_TK, w_TK, hop_caps=hop_caps, layout=layout)[0]
 
-  rows = sharded_rows(2)
+  rows = shape.rows(2)
   forward = jax.shard_map(device, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows)
   return jax.jit(_with_backward(forward, backward))
 
@@ -156,24 +162,21 @@ def auto_step(mesh, caps_by_name: dict, num_experts: int, profile, *, top_k: int
   (`auto.run_cheapest`, as in moe_apply) and runs the cheapest, decision included."""
   import jax
   from hiermoe_jax.dispatch import auto
-  from hiermoe_jax.mesh import sharded_rows
-  layout = exchange.Layout(MeshShape.of(mesh), num_experts)
+  shape = MeshShape.of(mesh)
+  layout = exchange.Layout(shape, num_experts)
 
-  def branch(name):
-    def run(x_TD, slots_TK, w_TK):
-      return exchange.run(x_TD, slots_TK, w_TK, strategy=get_strategy(name),
-                          hop_caps=caps_by_name[name], layout=layout,
-                          expert_fn=_stand_in_experts)[0]
-    return run
+  def body(strategy, x_TD, slots_TK, w_TK):
+    return _exchange_only(strategy, x_TD, slots_TK, w_TK, hop_caps=caps_by_name[strategy.name],
+                          layout=layout)
 
   def device(x_TD, slots_TK, w_TK):
-    y_TD, _, _ = auto.run_cheapest(
-        branch, (x_TD, slots_TK, w_TK), slots_TK, profile=profile, shape=layout.shape,
+    (y_TD, _), _, _ = auto.run_cheapest(
+        body, (x_TD, slots_TK, w_TK), slots_TK, profile=profile, shape=layout.shape,
         experts_per_device=layout.experts_per_device, top_k=top_k, d_model=d_model,
         bytes_per_elem=bytes_per_elem)
     return y_TD
 
-  rows = sharded_rows(2)
+  rows = shape.rows(2)
   forward = jax.shard_map(device, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows)
   return jax.jit(_with_backward(forward, backward))
 
@@ -311,7 +314,7 @@ def stage_step(mesh, kind: str, capacity: int) -> Callable:
   all-to-alls, stand-in experts, back, scatter-add into the tokens), so a fitted
   stage prices the bookkeeping a strategy's hop does too. One expert per device;
   feed it `stage_routing`."""
-  strategy = Strategy(f"{kind}_stage", (_KIND_TIER[kind],), dedup=True)
+  strategy = Strategy(f"{kind}_stage", (kind,), dedup=True)
   return exchange_step(mesh, strategy, (capacity,), MeshShape.of(mesh).devices,
                        backward=False)
 
@@ -321,19 +324,13 @@ def stage_routing(shape: MeshShape, kind: str, tokens: int, rows: int) -> np.nda
   sends exactly `rows` rows to every peer of the kind's hop (self included): T' =
   max(tokens, rows) tokens, each routed to K = ceil(peers * rows / T') distinct
   peers (entries past peers * rows are -1, not routed)."""
-  tier = _KIND_TIER[kind]
   peers = cost.group_size(kind, shape)
   tokens = max(tokens, rows)
   top_k = -(-peers * rows // tokens)
   device = np.arange(shape.devices)[:, None]
   peer = np.broadcast_to(np.arange(tokens * top_k) % peers, (shape.devices, tokens * top_k))
-  if tier == "device":
-    dest = peer
-  elif tier == "node":
-    dest = peer * shape.local + device % shape.local
-  else:
-    dest = (device // shape.local) * shape.local + peer
-  dest = np.where(np.arange(tokens * top_k) < peers * rows, dest, -1)
+  dest = np.where(np.arange(tokens * top_k) < peers * rows, receiver(device, peer, kind, shape),
+                  -1)
   return dest.reshape(shape.devices, tokens, top_k).astype(np.int32)
 
 

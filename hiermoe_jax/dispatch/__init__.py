@@ -1,14 +1,11 @@
-"""Dispatch strategies (DESIGN.md section 4) and the engine that runs them."""
+"""Dispatch strategies (docs/design.md, section 4): the registry and the engine.
 
-from hiermoe_jax.dispatch import flat, flat_dedup, hier, hier_dedup
+`registry` declares every strategy once; `exchange` runs any of them
+(dispatch -> the caller's expert compute -> combine); `capacity` sizes their
+buffers; `auto` picks one per call from the live routing.
+"""
+
 from hiermoe_jax.dispatch.base import Strategy
+from hiermoe_jax.dispatch.registry import get_strategy, names, register, unregister
 
-STRATEGIES: dict[str, Strategy] = {
-    m.STRATEGY.name: m.STRATEGY for m in (flat, flat_dedup, hier, hier_dedup)
-}
-
-
-def get_strategy(name: str) -> Strategy:
-  if name not in STRATEGIES:
-    raise ValueError(f"dispatch={name!r} is not a strategy; expected one of {sorted(STRATEGIES)}")
-  return STRATEGIES[name]
+__all__ = ["Strategy", "get_strategy", "names", "register", "unregister"]

@@ -1,13 +1,13 @@
 """`auto`: pick the cheapest strategy per call from the live routing (HierMoE's d*).
 
 Runs per device inside the MoE's shard_map. From its own routing each device
-counts the rows it would send to every destination device / node, once per
-(token, expert) and once per (token, destination); a psum over `node` gives the
-rows each stage-1 receiver forwards inside its node; a pmax over all devices
-gives every hop's peak rows per peer, identical on all devices. The cost model
-prices each strategy from those peaks and every device takes the same argmin
-among the `candidates` (the strategies the model can prefer on this mesh).
-The decision costs two small reductions (one psum, one pmax), no all-to-all.
+counts the rows every registered strategy would send to each peer of its first
+hop; for a two-hop strategy, a psum over the first hop's axis gives the rows each
+first-hop receiver forwards; a pmax over all devices gives every hop's peak rows
+per peer, identical on all devices. The cost model prices each strategy from those
+peaks and every device takes the same argmin among the `candidates` (the
+strategies the model can prefer on this mesh), under one `lax.switch`.
+The decision costs small reductions (a psum per first tier, one pmax), no all-to-all.
 """
 
 from __future__ import annotations
@@ -18,48 +18,65 @@ import jax
 import jax.numpy as jnp
 
 from hiermoe_jax import cost
-from hiermoe_jax.config import STRATEGIES
-from hiermoe_jax.mesh import AXES, LOCAL, NODE, MeshShape
+from hiermoe_jax.dispatch import registry
+from hiermoe_jax.dispatch.base import Strategy, peer_along, tier_peers
+from hiermoe_jax.mesh import MeshShape
 
 
-def _counts(dest_TK, groups: int):
-  """Rows per destination group: per (token, expert) pair, and per distinct (token, group)."""
+def _rows_to(dest_TK, groups: int, dedup: bool):
+  """Rows sent to each destination group: one per distinct (token, group) if dedup,
+  else one per (token, expert) pair."""
   hit_TKG = dest_TK[..., None] == jnp.arange(groups)
-  pairs_G = jnp.sum(hit_TKG, axis=(0, 1), dtype=jnp.int32)
-  distinct_G = jnp.sum(jnp.any(hit_TKG, axis=1), axis=0, dtype=jnp.int32)
-  return pairs_G, distinct_G
+  if dedup:
+    return jnp.sum(jnp.any(hit_TKG, axis=1), axis=0, dtype=jnp.int32)
+  return jnp.sum(hit_TKG, axis=(0, 1), dtype=jnp.int32)
 
 
 def _peak_excluding(counts, me):
   return jnp.max(jnp.where(jnp.arange(counts.shape[0]) == me, 0, counts))
 
 
-def live_peaks(slots_TK, *, shape: MeshShape, experts_per_device: int) -> dict:
-  """Per strategy, per hop: the most rows any device sends to one other peer.
+def _local_peaks(strategy: Strategy, device_TK, shape: MeshShape, through_A=None) -> list:
+  """This device's peak rows to one peer, per hop of `strategy`. through_A: for a
+  two-hop strategy, the rows toward each final device summed over the first hop's
+  group - what a first-hop receiver forwards."""
+  first = strategy.tiers[0]
+  sent = _rows_to(peer_along(device_TK, first, shape), tier_peers(first, shape), strategy.dedup)
+  peaks = [_peak_excluding(sent, shape.index(first))]
+  if len(strategy.tiers) == 2:
+    through_NL = through_A.reshape(shape.nodes, shape.local)
+    if first == "inter":  # receiver (n', l) forwards to the devices of node n'
+      mine = jax.lax.dynamic_index_in_dim(through_NL, shape.index("inter"), 0, keepdims=False)
+    else:  # receiver (n, l') forwards to the devices with local index l'
+      mine = jax.lax.dynamic_index_in_dim(through_NL, shape.index("intra"), 1, keepdims=False)
+    peaks.append(_peak_excluding(mine, shape.index(strategy.tiers[1])))
+  return peaks
 
-  Two collectives in all (one psum, one pmax): each costs a latency on slow links.
+
+def live_peaks(slots_TK, *, shape: MeshShape, experts_per_device: int,
+               names: tuple[str, ...] | None = None) -> dict:
+  """Per strategy (all registered ones by default), per hop: the most rows any
+  device sends to one other peer. Identical on every device.
+
+  Collectives: one psum per distinct first tier of the two-hop strategies, one
+  pmax; each costs a latency on slow links.
   """
+  strategies = [registry.get_strategy(n) for n in (registry.names() if names is None else names)]
   device_TK = slots_TK // experts_per_device
-  pairs_dev, distinct_dev = _counts(device_TK, shape.devices)
-  pairs_node, distinct_node = _counts(device_TK // shape.local, shape.nodes)
-  me_dev = jax.lax.axis_index(AXES)
-  me_node, me_local = jax.lax.axis_index(NODE), jax.lax.axis_index(LOCAL)
-
-  # Stage-1 receiver (n', l) forwards, to local peer g', what every source
-  # (n, l) sent to device (n', g'): a sum over the node axis.
-  through_2D = jax.lax.psum(jnp.stack([pairs_dev, distinct_dev]), NODE)
-  mine_2G = jax.lax.dynamic_slice_in_dim(through_2D, me_node * shape.local, shape.local, axis=1)
-  stage2_pairs, stage2_distinct = (_peak_excluding(row, me_local) for row in mine_2G)
-
-  names = ("flat", "flat_dedup", "hier", "hier", "hier_dedup", "hier_dedup")
-  local_peaks = jnp.stack([
-      _peak_excluding(pairs_dev, me_dev), _peak_excluding(distinct_dev, me_dev),
-      _peak_excluding(pairs_node, me_node), stage2_pairs,
-      _peak_excluding(distinct_node, me_node), stage2_distinct])
-  peaks = jax.lax.pmax(local_peaks, AXES)
-  out: dict = {}
-  for name, value in zip(names, peaks):
-    out[name] = out.get(name, ()) + (value,)
+  through = {}
+  two_hop = [s for s in strategies if len(s.tiers) == 2]
+  for first in dict.fromkeys(s.tiers[0] for s in two_hop):
+    group = [s for s in two_hop if s.tiers[0] == first]
+    toward_GA = jnp.stack([_rows_to(device_TK, shape.devices, s.dedup) for s in group])
+    axes = shape.tier_axes(first)
+    summed_GA = jax.lax.psum(toward_GA, axes) if axes else toward_GA
+    through.update({s.name: summed_GA[i] for i, s in enumerate(group)})
+  local = {s.name: _local_peaks(s, device_TK, shape, through.get(s.name)) for s in strategies}
+  flat = jax.lax.pmax(jnp.stack([p for peaks in local.values() for p in peaks]), shape.axes)
+  out, i = {}, 0
+  for name, peaks in local.items():
+    out[name] = tuple(flat[i:i + len(peaks)])
+    i += len(peaks)
   return out
 
 
@@ -72,39 +89,52 @@ def candidates(shape: MeshShape, top_k: int) -> tuple[str, ...]:
     costs: under `lax.switch` its VJP residuals are carried, zero-filled, by all.
   - top_k == 1 leaves nothing to deduplicate: the plain ones.
   - On a mesh with one node (or one device per node) a hierarchical strategy is its
-    flat twin plus a hop that only copies rows locally: flat only, so nothing is
-    left to decide.
+    flat twin plus a hop that only copies rows locally: one-hop ones only.
   """
-  flat, hier = ("flat_dedup", "hier_dedup") if top_k > 1 else ("flat", "hier")
-  if shape.nodes == 1 or shape.local == 1:
-    return (flat,)
-  return (flat, hier)
+  single_tier = shape.nodes == 1 or shape.local == 1
+  return tuple(
+      s.name for s in map(registry.get_strategy, registry.names())
+      if s.auto_candidate and s.dedup == (top_k > 1) and not (single_tier and len(s.tiers) > 1))
 
 
 def choose(peaks: dict, profile: cost.CostProfile, names: tuple[str, ...], *,
            shape: MeshShape, d_model: int, bytes_per_elem: int):
-  """(position in `names` of the cheapest, predicted ms of every strategy)."""
+  """(position in `names` of the cheapest, predicted ms of every strategy in `peaks`)."""
   predicted = {name: jnp.asarray(cost.predict_from_peak_rows(
-      name, peaks[name], profile, shape, d_model, bytes_per_elem), jnp.float32)
-      for name in STRATEGIES}
+      name, rows, profile, shape, d_model, bytes_per_elem), jnp.float32)
+      for name, rows in peaks.items()}
   return jnp.argmin(jnp.stack([predicted[name] for name in names])), predicted
 
 
-def run_cheapest(branch: Callable[[str], Callable], operands: tuple, slots_TK, *,
-                 profile: cost.CostProfile, shape: MeshShape, experts_per_device: int,
-                 top_k: int, d_model: int, bytes_per_elem: int):
-  """branch(name)(*operands) for the candidate the model prices cheapest on this
-  call's routing; returns (its output, its index in STRATEGIES, predicted ms).
+def _uniform(branch: Callable, keys: tuple[str, ...]) -> Callable:
+  """`branch` with its per-stage drop counts filled out to `keys`: every branch of
+  a switch must return the same structure."""
+  def run(*operands):
+    y, (dropped, *rest) = branch(*operands)
+    return y, ({key: dropped.get(key, jnp.int32(0)) for key in keys}, *rest)
+  return run
 
-  With one candidate there is nothing to decide: it runs alone, without the two
+
+def run_cheapest(body: Callable, operands: tuple, slots_TK, *, profile: cost.CostProfile,
+                 shape: MeshShape, experts_per_device: int, top_k: int, d_model: int,
+                 bytes_per_elem: int):
+  """body(strategy, *operands) for the candidate the model prices cheapest on this
+  call's routing; body returns (y, (dropped_by_stage, ...)). Returns (its output
+  with drops counted over every candidate's stages, its index in the registry,
+  predicted ms per strategy).
+
+  With one candidate there is nothing to decide: it runs alone, without the
   reductions, and predicted ms is {} (as for a fixed strategy).
   """
   names = candidates(shape, top_k)
+  strategies = [registry.get_strategy(name) for name in names]
+  keys = tuple(dict.fromkeys(t for s in strategies for t in s.tiers)) + ("expert",)
+  branches = [_uniform(lambda *ops, s=s: body(s, *ops), keys) for s in strategies]
   if len(names) == 1:
-    return branch(names[0])(*operands), jnp.int32(STRATEGIES.index(names[0])), {}
+    return branches[0](*operands), jnp.int32(registry.names().index(names[0])), {}
   peaks = live_peaks(slots_TK, shape=shape, experts_per_device=experts_per_device)
   position, predicted = choose(peaks, profile, names, shape=shape, d_model=d_model,
                                bytes_per_elem=bytes_per_elem)
-  out = jax.lax.switch(position, [branch(name) for name in names], *operands)
-  index = jnp.asarray([STRATEGIES.index(name) for name in names], jnp.int32)[position]
+  out = jax.lax.switch(position, branches, *operands)
+  index = jnp.asarray([registry.names().index(name) for name in names], jnp.int32)[position]
   return out, index, predicted

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from hiermoe_jax.dispatch.base import Strategy
+from hiermoe_jax.dispatch.base import Strategy, tier_peers
 from hiermoe_jax.mesh import MeshShape
 
 
@@ -21,13 +21,10 @@ def hit_probability(num_experts: int, top_k: int, group_size: int) -> float:
   return 1.0 - miss
 
 
-def tier_peers(tier: str, shape: MeshShape) -> int:
-  return {"device": shape.devices, "node": shape.nodes, "local": shape.local}[tier]
-
-
-def tier_group_size(tier: str, shape: MeshShape, num_experts: int) -> int:
-  """Experts held by one destination peer of a hop over `tier`."""
-  return num_experts // tier_peers("device" if tier == "local" else tier, shape)
+def hop_group_size(strategy: Strategy, hop: int, shape: MeshShape, num_experts: int) -> int:
+  """Experts behind one destination peer of hop `hop`: the hops so far have resolved
+  a token's destination to one of prod(their peers) groups of experts."""
+  return num_experts // math.prod(tier_peers(t, shape) for t in strategy.tiers[:hop + 1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,24 +46,21 @@ def capacities(strategy: Strategy, *, tokens: int, top_k: int, num_experts: int,
   rows_in = t  # rows arriving at the current hop's sender, worst case
   for i, tier in enumerate(strategy.tiers):
     peers = tier_peers(tier, shape)
-    group = tier_group_size(tier, shape, e)
-    if i == 0:
+    group = hop_group_size(strategy, i, shape, e)
+    if i == 0:  # the sender's own T tokens
       if strategy.dedup:
         expected, worst = t * hit_probability(e, k, group), t
       else:
         expected, worst = t * k / peers, t * min(k, group)
-    else:
-      # Second hop ("local" after "node"): rows arrive from every node.
-      sources = shape.nodes
+    else:  # forwarded: rows arrive from every peer of the hop before
+      sources = tier_peers(strategy.tiers[i - 1], shape)
       if strategy.dedup:
-        expected = sources * t * hit_probability(e, k, experts_per_device)
-        worst = min(rows_in, sources * t)
+        expected, worst = sources * t * hit_probability(e, k, group), min(rows_in, sources * t)
       else:
-        expected = t * k / peers
-        worst = min(rows_in, sources * t * min(k, experts_per_device))
+        expected, worst = t * k / peers, min(rows_in, sources * t * min(k, group))
     cap = size(expected, worst)
     hops.append(cap)
-    rows_in = tier_peers(tier, shape) * cap
+    rows_in = peers * cap
   # Expert stage: a row carries an expert at most once, and so does a token.
   expert_expected = t * k / experts_per_device
   expert_worst = min(rows_in, shape.devices * t)

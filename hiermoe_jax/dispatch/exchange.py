@@ -1,8 +1,14 @@
-"""The exchange engine: runs any `Strategy` inside `shard_map`, per device.
+"""The exchange engine, DeepEP-shaped: `dispatch` and `combine` for any `Strategy`.
 
-Legend: T tokens on this device, K top-k, M expert entries a row carries (K for
-dedup strategies, 1 otherwise), I items to place, P peers of a hop, C capacity,
-S = P * C buffer rows, X local experts, R rows, D model dim.
+Per device, inside `jax.shard_map`:
+
+    rows_RD, slots_RM, w_RM, handle = dispatch(x_TD, slots_TK, w_TK, strategy, ...)
+    y_RD = <the caller's expert compute>(rows_RD, slots_RM, w_RM)   # experts.py
+    y_TD = combine(y_RD, handle)
+
+Legend (docs/legend.md): T tokens on this device, K top-k, M expert entries a
+row carries (K for dedup strategies, 1 otherwise), I items to place, P peers of a
+hop, C capacity, S = P * C buffer rows, R rows, D model dim.
 
 A row travels with its metadata: M physical expert slots (-1 where the entry is
 not for the receiving group) and M routing weights. Each hop assigns items to
@@ -21,18 +27,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hiermoe_jax import experts as experts_lib
-from hiermoe_jax.dispatch.base import Strategy, peer_along
-from hiermoe_jax.dispatch.capacity import tier_peers
-from hiermoe_jax.mesh import LOCAL, NODE, MeshShape
+from hiermoe_jax.dispatch.assign import assign, entry_targets_IMP
+from hiermoe_jax.dispatch.base import Strategy, peer_along, tier_peers
+from hiermoe_jax.mesh import MeshShape
 from hiermoe_jax.permute import permute, unpermute
-
-_TIER_AXES = {"device": (NODE, LOCAL), "node": NODE, "local": LOCAL}
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Static facts the engine needs: mesh shape, experts, implementations."""
+  """Static facts the engine needs: the expert hierarchy, experts, implementations."""
   shape: MeshShape
   num_experts: int
   permute_impl: str = "xla"
@@ -65,7 +68,10 @@ def _exchange(buf_SD, send_P, recv_P, axes, peers: int, ragged: bool):
 
   Padded: every block travels whole. Ragged: only the filled rows travel, into
   the same [P*C, D] receive layout (row q*C + i from peer q), zeros elsewhere.
+  Over no mesh axis (a one-device tier) the buffer is already where it goes.
   """
+  if not axes:
+    return buf_SD
   if not ragged:
     return jax.lax.all_to_all(buf_SD, axes, 0, 0, tiled=True)
   capacity = buf_SD.shape[0] // peers
@@ -76,39 +82,13 @@ def _exchange(buf_SD, send_P, recv_P, axes, peers: int, ragged: bool):
       jnp.full((peers,), me * capacity, jnp.int32), recv_P, axis_name=axes)
 
 
-def _assign(valid_IP, capacity: int, packed: bool):
-  """Places items at (peer, position) in item order; returns [P*C] item table.
-
-  packed=False: slot = p * C + position (a padded buffer per peer).
-  packed=True: peers' kept items are contiguous (for ragged expert compute).
-  """
-  num_items, peers = valid_IP.shape
-  pos_IP = jnp.cumsum(valid_IP, axis=0, dtype=jnp.int32) - 1
-  kept_IP = valid_IP & (pos_IP < capacity)
-  counts_P = jnp.sum(kept_IP, axis=0, dtype=jnp.int32)
-  if packed:
-    base_P = jnp.cumsum(counts_P) - counts_P
-  else:
-    base_P = jnp.arange(peers, dtype=jnp.int32) * capacity
-  size = peers * capacity
-  index_IP = jnp.where(kept_IP, base_P + pos_IP, size)
-  items_IP = jnp.broadcast_to(jnp.arange(num_items, dtype=jnp.int32)[:, None], valid_IP.shape)
-  table_S = jnp.full((size,), -1, jnp.int32).at[index_IP.reshape(-1)].set(
-      items_IP.reshape(-1), mode="drop")
-  return table_S, kept_IP, counts_P
-
-
-def _entry_valid_IMP(slots_IM, peer_IM, peers: int):
-  return (slots_IM >= 0)[..., None] & (peer_IM[..., None] == jnp.arange(peers))
-
-
 def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: Layout):
   """One all-to-all over `tier`. Returns received rows, their metadata, plan, stats."""
   peers = tier_peers(tier, layout.shape)
   peer_IM = layout.peer_of(slots_IM, tier)
-  entry_IMP = _entry_valid_IMP(slots_IM, peer_IM, peers)
+  entry_IMP = entry_targets_IMP(slots_IM, peer_IM, peers)
   valid_IP = jnp.any(entry_IMP, axis=1)
-  table_S, kept_IP, counts_P = _assign(valid_IP, capacity, packed=False)
+  table_S, kept_IP, counts_P = assign(valid_IP, capacity, packed=False)
   dropped = jnp.sum(entry_IMP & ~kept_IP[:, None, :], dtype=jnp.int32)
 
   filled_S = table_S >= 0
@@ -118,16 +98,17 @@ def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: 
   # Keep only the entries that belong to the peer each slot is sent to.
   peer_S = jnp.arange(table_S.shape[0], dtype=jnp.int32) // capacity
   slots_SM = slots_IM[safe_S]
-  mine_SM = filled_S[:, None] & (slots_SM >= 0) & (layout.peer_of(slots_SM, tier) == peer_S[:, None])
+  mine_SM = (filled_S[:, None] & (slots_SM >= 0)
+             & (layout.peer_of(slots_SM, tier) == peer_S[:, None]))
   # Slots travel as float32 beside the weights (exact below 2**24): one collective.
   meta_SM2 = jnp.concatenate([
       jnp.where(mine_SM, slots_SM, -1).astype(jnp.float32),
       jnp.where(mine_SM, w_IM[safe_S], 0.0)], axis=-1)
 
-  axes = _TIER_AXES[tier]
+  axes = layout.shape.tier_axes(tier)
   # Metadata is small and always padded: empty slots must read as -1, not 0.
-  recv_meta_SM2 = jax.lax.all_to_all(meta_SM2, axes, 0, 0, tiled=True)
-  recv_P = (jax.lax.all_to_all(counts_P, axes, 0, 0, tiled=True) if layout.ragged
+  recv_meta_SM2 = _exchange(meta_SM2, None, None, axes, peers, ragged=False)
+  recv_P = (_exchange(counts_P, None, None, axes, peers, ragged=False) if layout.ragged
             else counts_P)
   recv_rows_SD = _exchange(send_rows_SD, counts_P, recv_P, axes, peers, layout.ragged)
   m = slots_IM.shape[1]
@@ -140,57 +121,29 @@ def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: 
 def _unhop(y_SD, plan: HopPlan, tier: str, layout: Layout):
   """Reverse of `_hop`: send results back and add them into the sender's rows."""
   peers = tier_peers(tier, layout.shape)
-  back_SD = _exchange(y_SD, plan.received_P, plan.sent_P, _TIER_AXES[tier], peers,
+  back_SD = _exchange(y_SD, plan.received_P, plan.sent_P, layout.shape.tier_axes(tier), peers,
                       layout.ragged)
   ones_S = jnp.ones(back_SD.shape[:1], back_SD.dtype)
   return unpermute(back_SD, plan.send_src_S, ones_S, num_tokens=plan.num_rows,
                    impl=layout.permute_impl)
 
 
-def local_experts(rows_RD, slots_RM, w_RM, *, expert_params, capacity: int, layout: Layout):
-  """Expands rows to their local experts, runs the FFNs, pre-reduces per row.
-
-  Returns (out_RD, dropped pairs). The default `expert_fn` of `run`.
-  """
-  num_local = layout.experts_per_device
-  m = slots_RM.shape[1]
-  me = jax.lax.axis_index((NODE, LOCAL))
-  local_IM = slots_RM - me * num_local
-  entry_IMP = _entry_valid_IMP(slots_RM, local_IM, num_local)
-  valid_IP = entry_IMP.reshape(-1, num_local)  # items are (row, entry) pairs
-  packed = layout.expert_compute == "ragged_dot"
-  table_S, kept_IP, counts_P = _assign(valid_IP, capacity, packed=packed)
-  dropped = jnp.sum(valid_IP & ~kept_IP, dtype=jnp.int32)
-
-  filled_S = table_S >= 0
-  row_S = jnp.where(filled_S, table_S // m, -1)
-  w_S = jnp.where(filled_S, w_RM.reshape(-1)[jnp.where(filled_S, table_S, 0)], 0.0)
-  x_SD = permute(rows_RD, row_S, impl=layout.permute_impl)
-  dtype = rows_RD.dtype
-  gate, up, down = (expert_params[k].astype(dtype) for k in ("gate", "up", "down"))
-  with jax.named_scope("expert_compute"):
-    if packed:
-      y_SD = experts_lib.experts_ragged(x_SD, counts_P, gate, up, down)
-    else:
-      x_XCD = x_SD.reshape(num_local, capacity, -1)
-      y_SD = experts_lib.experts_einsum(x_XCD, gate, up, down).reshape(x_SD.shape)
-  # Pre-reduce: one weighted vector per received row, whatever its expert count.
-  out_RD = unpermute(y_SD, row_S, w_S, num_tokens=rows_RD.shape[0], impl=layout.permute_impl)
-  return out_RD, dropped
+class Handle(NamedTuple):
+  """What `combine` needs to reverse a `dispatch` (and the hops' statistics)."""
+  strategy: Strategy
+  layout: Layout
+  plans: tuple[HopPlan, ...]
+  stats: tuple[HopStats, ...]
 
 
-class ExchangeStats(NamedTuple):
-  hops: tuple[HopStats, ...]
-  expert_dropped: jax.Array
+def dispatch(x_TD, slots_TK, w_TK, strategy: Strategy, *, capacities: tuple[int, ...],
+             layout: Layout):
+  """Sends each token to the devices holding its experts, hop by hop.
 
-
-def run(x_TD, slots_TK, w_TK, *, strategy: Strategy, hop_caps: tuple[int, ...], layout: Layout,
-        expert_fn):
-  """Dispatch, expert compute and combine on one device. Returns (y_TD, stats).
-
-  expert_fn(rows_RD, slots_RM, w_RM) -> (out_RD, dropped) computes, for every
-  received row, the weighted sum of its local experts' outputs (see
-  `local_experts`); benchmarks pass a cheap stand-in to time the exchange alone.
+  slots_TK: physical expert slots of each token's top-k; w_TK: their weights.
+  capacities: rows per (device, peer) of each hop (`capacity.capacities(...).hops`).
+  Returns (rows_RD, slots_RM, w_RM, handle): the rows that arrived on this device,
+  each with its M expert entries (slot, or -1 where not for this device; weight).
   """
   num_tokens, top_k = slots_TK.shape
   if strategy.dedup:
@@ -199,17 +152,22 @@ def run(x_TD, slots_TK, w_TK, *, strategy: Strategy, hop_caps: tuple[int, ...], 
     item_src = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), top_k)
     slots_IM, w_IM = slots_TK.reshape(-1, 1), w_TK.reshape(-1, 1)
 
-  rows_RD, plans, hop_stats = x_TD, [], []
+  rows_RD, plans, stats = x_TD, [], []
   with jax.named_scope(f"dispatch_{strategy.name}"):
-    for tier, capacity in zip(strategy.tiers, hop_caps):
-      rows_RD, slots_IM, w_IM, plan, stats = _hop(rows_RD, item_src, slots_IM, w_IM, tier,
-                                                  capacity, layout)
+    for tier, capacity in zip(strategy.tiers, capacities):
+      with jax.named_scope(tier):
+        rows_RD, slots_IM, w_IM, plan, hop_stats = _hop(rows_RD, item_src, slots_IM, w_IM, tier,
+                                                        capacity, layout)
       item_src = jnp.arange(rows_RD.shape[0], dtype=jnp.int32)
       plans.append(plan)
-      hop_stats.append(stats)
-  with jax.named_scope("experts"):
-    y_RD, expert_dropped = expert_fn(rows_RD, slots_IM, w_IM)
-  with jax.named_scope(f"combine_{strategy.name}"):
-    for tier, plan in reversed(list(zip(strategy.tiers, plans))):
-      y_RD = _unhop(y_RD, plan, tier, layout)
-  return y_RD, ExchangeStats(tuple(hop_stats), expert_dropped)
+      stats.append(hop_stats)
+  return rows_RD, slots_IM, w_IM, Handle(strategy, layout, tuple(plans), tuple(stats))
+
+
+def combine(y_RD, handle: Handle):
+  """Returns each received row's (pre-reduced) output to its token: y_TD."""
+  with jax.named_scope(f"combine_{handle.strategy.name}"):
+    for tier, plan in reversed(list(zip(handle.strategy.tiers, handle.plans))):
+      with jax.named_scope(tier):
+        y_RD = _unhop(y_RD, plan, tier, handle.layout)
+  return y_RD

@@ -50,7 +50,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from hiermoe_jax.mesh import MeshShape
+from hiermoe_jax.mesh import AXES, MeshShape
 from hiermoe_jax.swap.migrate import EXPERTS_KEY, migrate_many
 from hiermoe_jax.swap.search import SearchConfig, SwapPlan, search
 
@@ -99,7 +99,7 @@ class SwapController:
   """Decides and applies expert swaps every `swap_interval` steps.
 
   search_config: cost parameters of a decision (`SearchConfig`).
-  mesh: the ("node", "local") mesh the experts are sharded over.
+  mesh: the mesh the experts are sharded over, along `expert_axes` (MoEConfig's).
   swap_interval: steps between decisions (> 0).
   window: observed steps kept per layer (default: swap_interval).
   expert_path(layer) -> tuple of keys locating that layer's expert subtree in the
@@ -109,7 +109,8 @@ class SwapController:
 
   def __init__(self, search_config: SearchConfig, mesh: Mesh, swap_interval: int, *,
                window: int | None = None,
-               expert_path: Callable[[Hashable], tuple] | None = None):
+               expert_path: Callable[[Hashable], tuple] | None = None,
+               expert_axes=AXES):
     if isinstance(swap_interval, bool) or not isinstance(swap_interval, int) or swap_interval < 1:
       raise ValueError(f"swap_interval={swap_interval!r} is invalid: must be an int >= 1")
     window = swap_interval if window is None else window
@@ -117,7 +118,7 @@ class SwapController:
       raise ValueError(f"window={window!r} is invalid: must be an int >= 1 (observed steps)")
     self.config = search_config
     self.mesh = mesh
-    self.shape = MeshShape.of(mesh)
+    self.shape = MeshShape.of(mesh, expert_axes)
     self.swap_interval = swap_interval
     self.window = window
     self.expert_path = expert_path or (lambda layer: ())
@@ -205,7 +206,7 @@ class SwapController:
       moves.append((placements[layer], plan.placement, select))
     t0 = time.perf_counter()
     try:
-      new_tree = migrate_many(tree, moves, self.mesh)
+      new_tree = migrate_many(tree, moves, self.mesh, expert_axes=self.shape.axes)
       jax.block_until_ready(new_tree)
     except Exception as e:
       raise _swap_error(step, tree, e) from e

@@ -49,6 +49,7 @@ from jax.sharding import Mesh
 
 from hiermoe_jax import mesh as mesh_lib
 from hiermoe_jax.mesh import MeshShape
+from hiermoe_jax.validate import check_experts_fit, check_placement
 
 EXPERTS_KEY = "experts"
 
@@ -80,6 +81,7 @@ class MovePlan:
   per_device: int
   local_src: tuple[tuple[int, ...], ...]
   rounds: tuple[tuple[tuple[tuple[int, int], ...], tuple[int, ...], tuple[int, ...]], ...]
+  axes: tuple[str, ...] = mesh_lib.AXES  # the expert hierarchy's mesh axes
 
   @property
   def moved_slots(self) -> int:
@@ -94,8 +96,7 @@ def plan_moves(old_placement, new_placement, shape: MeshShape) -> MovePlan:
   if old.shape != new.shape:
     raise ValueError(f"old_placement has shape {old.shape} but new_placement has {new.shape}")
   num_experts = old.shape[0]
-  if num_experts % shape.devices:
-    raise ValueError(f"num_experts={num_experts} must be a multiple of {shape.devices} devices")
+  check_experts_fit(num_experts, shape)
   per_device = num_experts // shape.devices
   src_slot = np.argsort(old)[new]  # new slot s <- old slot src_slot[s]
   local_src = [list(range(per_device)) for _ in range(shape.devices)]
@@ -124,12 +125,12 @@ def plan_moves(old_placement, new_placement, shape: MeshShape) -> MovePlan:
        tuple(r["send"].get(d, -1) for d in range(shape.devices)),
        tuple(r["recv"].get(d, -1) for d in range(shape.devices)))
       for r in rounds)
-  return MovePlan(per_device, tuple(map(tuple, local_src)), packed)
+  return MovePlan(per_device, tuple(map(tuple, local_src)), packed, shape.axes)
 
 
 def _device_migrate(leaves, *, plan: MovePlan):
   """Per-device body: local gather, then one ppermute per round for all leaves."""
-  me = jax.lax.axis_index(mesh_lib.AXES)
+  me = jax.lax.axis_index(plan.axes)
   identity = tuple(range(plan.per_device))
   new = list(leaves)
   if any(row != identity for row in plan.local_src):
@@ -139,7 +140,7 @@ def _device_migrate(leaves, *, plan: MovePlan):
     send_idx = jnp.maximum(jnp.asarray(send, jnp.int32)[me], 0)
     recv_idx = jnp.asarray(recv, jnp.int32)[me]
     outgoing = [jax.lax.dynamic_index_in_dim(x, send_idx, 0) for x in leaves]
-    incoming = jax.lax.ppermute(outgoing, mesh_lib.AXES, perm)
+    incoming = jax.lax.ppermute(outgoing, plan.axes, perm)
     at = jnp.maximum(recv_idx, 0)
     new = [jax.lax.dynamic_update_index_in_dim(
         x, jnp.where(recv_idx >= 0, y, jax.lax.dynamic_index_in_dim(x, at, 0)), at, 0)
@@ -149,7 +150,7 @@ def _device_migrate(leaves, *, plan: MovePlan):
 
 @functools.lru_cache(maxsize=64)
 def _migrate_fn(plan: MovePlan, mesh: Mesh, ndims: tuple[int, ...]):
-  specs = [mesh_lib.sharded_rows(n) for n in ndims]
+  specs = [mesh_lib.sharded_rows(n, plan.axes) for n in ndims]
   return jax.shard_map(functools.partial(_device_migrate, plan=plan), mesh=mesh,
                        in_specs=(specs,), out_specs=specs)
 
@@ -168,18 +169,20 @@ def _jitted(key: GroupKey, mesh: Mesh):
 
 
 def migrate(tree, old_placement, new_placement, mesh: Mesh, *,
-            is_expert_leaf: Callable | None = None):
+            is_expert_leaf: Callable | None = None, expert_axes=mesh_lib.AXES):
   """`tree` with every expert leaf moved from `old_placement` to `new_placement`.
 
   tree: any pytree, e.g. params, an optax state, or (params, opt_state).
   is_expert_leaf(path, leaf) -> bool selects the leaves to move; default
     `expert_leaf(path, leaf, E)` (see the module docstring).
+  expert_axes: the mesh axes the expert stacks are split over (MoEConfig.expert_axes).
   Outside jit, the expert leaves are donated: do not use them afterwards.
   """
-  return migrate_many(tree, [(old_placement, new_placement, is_expert_leaf)], mesh)
+  return migrate_many(tree, [(old_placement, new_placement, is_expert_leaf)], mesh,
+                      expert_axes=expert_axes)
 
 
-def migrate_many(tree, moves, mesh: Mesh):
+def migrate_many(tree, moves, mesh: Mesh, *, expert_axes=mesh_lib.AXES):
   """`tree` with several placement changes applied together, all or nothing.
 
   moves: (old_placement, new_placement, is_expert_leaf or None) per change, as in
@@ -188,7 +191,7 @@ def migrate_many(tree, moves, mesh: Mesh):
   selected leaf (see "All or nothing" in the module docstring). Outside jit, the
   moved leaves are donated: do not use them afterwards.
   """
-  shape = MeshShape.of(mesh)
+  shape = MeshShape.of(mesh, expert_axes)
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
   owner: dict[int, int] = {}  # leaf index -> the move that selected it
   groups = []  # (plan, E, leaf indices)
@@ -211,7 +214,7 @@ def migrate_many(tree, moves, mesh: Mesh):
                 for n in chosen)
   for _, num_experts, chosen in groups:
     for n in chosen:
-      _check_leaf(flat[n][0], flat[n][1], mesh, num_experts, tracing)
+      _check_leaf(flat[n][0], flat[n][1], mesh, shape, num_experts, tracing)
   leaves = [[flat[n][1] for n in chosen] for _, _, chosen in groups]
   key = tuple((plan, tuple(x.ndim for x in group)) for (plan, _, _), group in zip(groups, leaves))
   fn = _groups_fn(key, mesh) if tracing else _jitted(key, mesh)
@@ -227,14 +230,15 @@ def _default_select(path, leaf, *, num_experts: int) -> bool:
   return expert_leaf(path, leaf, num_experts)
 
 
-def _check_leaf(path, leaf, mesh: Mesh, num_experts: int, tracing: bool) -> None:
+def _check_leaf(path, leaf, mesh: Mesh, shape: MeshShape, num_experts: int,
+                tracing: bool) -> None:
   name = jax.tree_util.keystr(path)
   if getattr(leaf, "ndim", 0) < 1 or leaf.shape[0] != num_experts:
     raise ValueError(f"expert leaf {name} has shape {getattr(leaf, 'shape', None)}; its "
                      f"leading dim must be num_experts={num_experts}")
   if tracing or not isinstance(leaf, jax.Array):
     return
-  want = mesh_lib.named(mesh, mesh_lib.sharded_rows(leaf.ndim))
+  want = mesh_lib.named(mesh, shape.rows(leaf.ndim))
   if not leaf.sharding.is_equivalent_to(want, leaf.ndim):
     raise ValueError(f"expert leaf {name} has sharding {leaf.sharding}; migrate needs "
                      f"{want.spec} on this mesh (params.param_specs), so that no device "
@@ -246,6 +250,4 @@ def _concrete(placement, name: str) -> np.ndarray:
     raise ValueError(f"{name} is a tracer; migrate needs host placements (the move "
                      "pattern is static). Call it outside jit, or pass numpy placements")
   values = np.asarray(placement)
-  if values.ndim != 1 or not np.array_equal(np.sort(values), np.arange(values.shape[0])):
-    raise ValueError(f"{name}={values.tolist()} is not a permutation of range(E)")
-  return values.astype(np.int64)
+  return check_placement(values, name=name).astype(np.int64)

@@ -37,12 +37,13 @@ Q token groups, N nodes, G local devices per node.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
 from hiermoe_jax import cost as cost_lib
+from hiermoe_jax.errors import check_int, check_real, fail
 from hiermoe_jax.mesh import MeshShape
+from hiermoe_jax.validate import check_experts_fit, check_placement
 
 PARAM_MATRICES = 3  # gate, up, down per expert
 
@@ -79,20 +80,14 @@ class SearchConfig:
 
   def __post_init__(self):
     if not isinstance(self.profile, cost_lib.CostProfile):
-      raise ValueError(f"SearchConfig.profile={self.profile!r} is invalid: must be a "
-                       "CostProfile (e.g. cost.load_profile('default'))")
+      fail("SearchConfig.profile", self.profile,
+           "must be a CostProfile (e.g. cost.load_profile('default'))")
     for name, low in (("d_model", 1), ("d_ff", 1), ("bytes_per_elem", 1),
                       ("param_bytes_per_elem", 1), ("optimizer_slots", 0),
                       ("steps_until_next_decision", 0), ("max_pairs", 0)):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"SearchConfig.{name}={value!r} is invalid: must be an int >= {low}")
+      check_int(f"SearchConfig.{name}", getattr(self, name), low)
     for name, low in (("compute_ms_per_pair", 0.0), ("smooth_g", 1.0)):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-          math.isfinite(value) and value >= low):
-        raise ValueError(f"SearchConfig.{name}={value!r} is invalid: must be a finite "
-                         f"number >= {low}")
+      check_real(f"SearchConfig.{name}", getattr(self, name), low)
 
   @property
   def bytes_per_swap(self) -> int:
@@ -352,12 +347,9 @@ def _placement(placement, ids: np.ndarray, shape: MeshShape) -> np.ndarray:
   if placement is None:
     raise ValueError("placement is None; pass the current [E] placement "
                      "(np.arange(E) for the identity)")
-  placement = np.asarray(placement).astype(np.int32)
+  placement = check_placement(np.asarray(placement))
   num_experts = placement.shape[0]
-  if placement.ndim != 1 or not np.array_equal(np.sort(placement), np.arange(num_experts)):
-    raise ValueError(f"placement={placement.tolist()} is not a permutation of range(E)")
-  if num_experts % shape.devices:
-    raise ValueError(f"num_experts={num_experts} must be a multiple of {shape.devices} devices")
+  check_experts_fit(num_experts, shape)
   if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
     raise ValueError(f"topk_ids must lie in [0, {num_experts}); got [{ids.min()}, {ids.max()}]")
   return placement
