@@ -1,4 +1,4 @@
-"""DESIGN.md section 8, invariant 4: a multi-process run equals the single-process run.
+"""docs/design.md, invariant 4: a multi-process run equals the single-process run.
 
 Two processes (one per node) with 4 CPU devices each and gloo collectives, started
 by scripts/launch.py, run hier_dedup on a 2x4 mesh (tests/mp_worker_moe.py); this

@@ -160,7 +160,7 @@ def test_checkpoint_from_2x4_resumes_on_1x8(reference, tmp_path):
 
 
 def test_two_processes_match_one_process(reference, tmp_path):
-  """DESIGN.md invariant 4 for training: scripts/launch.py runs the CLI as two
+  """docs/design.md, invariant 4, for training: scripts/launch.py runs the CLI as two
   processes (one per node, 4 devices each, gloo); the first steps equal the
   single-process 2x4 reference up to float32 reduction order."""
   run_dir = tmp_path / "two_process"
@@ -210,7 +210,7 @@ def test_deepseek_style_layers_update_and_checkpoint_router_biases(tmp_path, cac
 
 
 def test_expert_swaps_follow_the_same_trajectory(reference, tmp_path):
-  """DESIGN.md invariant 3 in the trainer: --swap-interval 2 (migration priced at 0, so
+  """docs/design.md, invariant 3, in the trainer: --swap-interval 2 (migration priced at 0, so
   every predicted gain is taken) gives the losses of the run without swaps; the events
   are in metrics.jsonl and the checkpoint holds the new placements, with the experts
   (and their optimizer state) in the matching physical order."""

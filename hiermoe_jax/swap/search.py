@@ -1,4 +1,4 @@
-"""Expert-swap search (HierD-ES and beyond, DESIGN.md section 6). Pure numpy.
+"""Expert-swap search (HierD-ES and beyond, docs/design.md, section 7). Pure numpy.
 
 Given a window of routing decisions and the current placement, find the expert
 swaps (pairs of physical slots on different devices) that minimise the modelled
