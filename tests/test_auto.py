@@ -87,9 +87,15 @@ def test_auto_matches_reference_with_gradients():
   assert_trees_close(run(params, x), ref(params, x))
 
 
-def test_bad_cost_profile_is_a_clear_error_at_construction():
-  with pytest.raises(ValueError, match="'no_such_profile' is neither a shipped profile"):
-    router_config("softmax", dispatch="auto", cost_profile="no_such_profile")
+def test_bad_cost_profile_is_a_clear_error_before_tracing():
+  """The config reads no file; the profile is loaded where auto uses it, and a bad
+  one is a one-line error naming the field, before anything is traced."""
+  config = router_config("softmax", dispatch="auto", cost_profile="no_such_profile")
+  mesh = mesh_of("2x4")
+  params, x, _, _ = random_inputs(config, mesh)
+  with pytest.raises(ValueError, match="MoEConfig.cost_profile='no_such_profile' is invalid: "
+                                       "cost profile 'no_such_profile' is neither a shipped"):
+    hm.moe_apply(params, x, config=config, mesh=mesh)
 
 
 def test_candidates_are_the_strategies_the_model_can_prefer():
