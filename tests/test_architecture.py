@@ -16,7 +16,7 @@ from hiermoe_jax import cost, traffic
 from hiermoe_jax.dispatch import Strategy, auto, exchange, registry
 from hiermoe_jax.dispatch.capacity import capacities
 from hiermoe_jax.mesh import MeshShape
-from helpers import assert_trees_close, loss_and_output, mesh_of, random_inputs, router_config
+from helpers import check_against_reference, mesh_of, random_inputs, router_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("hiermoe_jax", "models", "pallas_kernels")
@@ -98,14 +98,9 @@ def intra_first():
 def test_a_strategy_registered_at_run_time_is_run_and_priced(intra_first):
   mesh = mesh_of("2x4")
   config = router_config("softmax", dispatch=intra_first.name)
-  params, x, placement, bias = random_inputs(config, mesh)
-  cot = jax.random.normal(jax.random.key(7), x.shape)
-  run = jax.jit(loss_and_output(lambda p, x: hm.moe_apply(
-      p, x, config=config, mesh=mesh, placement=placement, router_bias=bias)[0], cot))
-  ref = jax.jit(loss_and_output(lambda p, x: hm.reference_moe(
-      p, x, config, placement=placement, router_bias=bias), cot))
-  assert_trees_close(run(params, x), ref(params, x))
+  check_against_reference(config, mesh)  # outputs and gradients
 
+  params, x, placement, bias = random_inputs(config, mesh)
   _, aux = hm.moe_apply(params, x, config=config, mesh=mesh, placement=placement,
                         router_bias=bias)
   assert aux.strategy_ran() == intra_first.name

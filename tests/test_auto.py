@@ -13,7 +13,7 @@ from hiermoe_jax import cost, traffic
 from hiermoe_jax.config import STRATEGIES
 from hiermoe_jax.dispatch import auto
 from hiermoe_jax.mesh import MeshShape, sharded_rows
-from helpers import assert_trees_close, loss_and_output, mesh_of, random_inputs, router_config
+from helpers import assert_trees_close, check_against_reference, mesh_of, random_inputs, router_config
 
 
 def _profile(tmp_path, name, inter_beta, intra_beta, flat_beta):
@@ -78,13 +78,7 @@ def test_auto_runs_the_model_argmin(tmp_path, betas, expected):
 def test_auto_matches_reference_with_gradients():
   mesh = mesh_of("2x4")
   config = router_config("sigmoid_grouped", dispatch="auto")
-  params, x, placement, bias = random_inputs(config, mesh, seed=4)
-  cot = jax.random.normal(jax.random.key(9), x.shape)
-  run = jax.jit(loss_and_output(lambda p, x: hm.moe_apply(
-      p, x, config=config, mesh=mesh, placement=placement, router_bias=bias)[0], cot))
-  ref = jax.jit(loss_and_output(lambda p, x: hm.reference_moe(
-      p, x, config, placement=placement, router_bias=bias), cot))
-  assert_trees_close(run(params, x), ref(params, x))
+  check_against_reference(config, mesh, seed=4)
 
 
 def test_bad_cost_profile_is_a_clear_error_before_tracing():
