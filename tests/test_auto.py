@@ -13,7 +13,8 @@ from hiermoe_jax import cost, traffic
 from hiermoe_jax.config import STRATEGIES
 from hiermoe_jax.dispatch import auto
 from hiermoe_jax.mesh import MeshShape, sharded_rows
-from helpers import assert_trees_close, check_against_reference, mesh_of, random_inputs, router_config
+from helpers import (assert_trees_close, check_against_reference, mesh_of, random_inputs,
+                     router_config)
 
 
 def _profile(tmp_path, name, inter_beta, intra_beta, flat_beta):
