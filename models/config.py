@@ -22,35 +22,24 @@ from typing import Any, Mapping
 
 import yaml
 
+from hiermoe_jax.config import DTYPES, SEED_LIMIT, MoEConfig
 # ConfigError is the library's bad-input error, re-exported: scripts catch one class.
-from hiermoe_jax.config import (DTYPES, SEED_LIMIT, ConfigError, MoEConfig, is_finite_real,
-                                is_int)
+from hiermoe_jax.errors import (ConfigError, check_bool, check_choice, check_int, check_real,
+                                fail, is_finite_real, is_int)
 
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")
 
 
-def _fail(key: str, value: Any, valid: str):
-  raise ConfigError(f"{key}={value!r} is invalid: {valid}")
-
-
-def _check_ints(section: str, obj, names, low: int = 1, high: int | None = None):
+def _check_fields(check, section: str, obj, names, *args, **kwargs) -> None:
+  """check("section.name", value, *args, **kwargs) for each named field of obj."""
   for name in names:
-    value = getattr(obj, name)
-    if not is_int(value) or value < low or (high is not None and value > high):
-      valid = f">= {low}" if high is None else f"in [{low}, {high}]"
-      _fail(f"{section}.{name}", value, f"must be an integer {valid}")
+    check(f"{section}.{name}", getattr(obj, name), *args, **kwargs)
 
 
-def _check_real(key: str, value, valid: str, ok) -> None:
-  """Finite numbers only: inf / nan pass a bare `> 0` and then fail inside XLA."""
+def _check_interval(key: str, value, valid: str, ok) -> None:
+  """A finite number in an interval (errors.check_real takes a lower bound only)."""
   if not is_finite_real(value) or not ok(value):
-    _fail(key, value, f"must be a finite number {valid}")
-
-
-def _check_bools(section: str, obj, names):
-  for name in names:
-    if not isinstance(getattr(obj, name), bool):
-      _fail(f"{section}.{name}", getattr(obj, name), "must be a boolean (true/false)")
+    fail(key, value, f"must be a finite number {valid}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,27 +61,26 @@ class ModelConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    _check_ints("model", self, ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"))
+    _check_fields(check_int, "model", self,
+                  ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"))
     if self.n_kv_heads is not None:
-      _check_ints("model", self, ("n_kv_heads",))
+      check_int("model.n_kv_heads", self.n_kv_heads)
       if self.n_heads % self.n_kv_heads:
-        _fail("model.n_kv_heads", self.n_kv_heads, f"must divide model.n_heads={self.n_heads}")
+        fail("model.n_kv_heads", self.n_kv_heads, f"must divide model.n_heads={self.n_heads}")
     if self.head_dim is None and self.d_model % self.n_heads:
-      _fail("model.n_heads", self.n_heads,
-            f"must divide model.d_model={self.d_model} (or set model.head_dim)")
+      fail("model.n_heads", self.n_heads,
+           f"must divide model.d_model={self.d_model} (or set model.head_dim)")
     if self.head_dim is not None:
-      _check_ints("model", self, ("head_dim",))
+      check_int("model.head_dim", self.head_dim)
     if self.resolved_head_dim % 2:
-      _fail("model.head_dim", self.resolved_head_dim, "must be even (RoPE rotates pairs)")
+      fail("model.head_dim", self.resolved_head_dim, "must be even (RoPE rotates pairs)")
     if not is_int(self.first_k_dense) or not 0 <= self.first_k_dense <= self.n_layers:
-      _fail("model.first_k_dense", self.first_k_dense,
-            f"must be an integer in [0, model.n_layers={self.n_layers}]")
-    _check_real("model.rope_theta", self.rope_theta, "> 0", lambda v: v > 0)
-    _check_real("model.norm_eps", self.norm_eps, "> 0", lambda v: v > 0)
-    _check_bools("model", self, ("qk_norm", "tie_embeddings"))
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in DTYPES:
-        _fail(f"model.{name}", getattr(self, name), f"must be one of {DTYPES}")
+      fail("model.first_k_dense", self.first_k_dense,
+           f"must be an integer in [0, model.n_layers={self.n_layers}]")
+    check_real("model.rope_theta", self.rope_theta, 0, strict=True)
+    check_real("model.norm_eps", self.norm_eps, 0, strict=True)
+    _check_fields(check_bool, "model", self, ("qk_norm", "tie_embeddings"), "true/false")
+    _check_fields(check_choice, "model", self, ("dtype", "param_dtype"), DTYPES)
 
   @property
   def resolved_head_dim(self) -> int:
@@ -130,30 +118,31 @@ class TrainConfig:
   drop_warning: float = 0.01  # warn when a layer drops more than this fraction of its pairs
 
   def __post_init__(self):
-    _check_ints("train", self, ("batch_size", "seq_len", "steps", "eval_batches", "keep"))
-    _check_ints("train", self, ("warmup_steps", "eval_every", "checkpoint_every", "swap_interval",
-                                "swap_window", "swap_max_pairs", "nan_skip_limit"), low=0)
-    _check_ints("train", self, ("seed",), low=0, high=SEED_LIMIT - 1)
-    _check_real("train.lr", self.lr, "> 0", lambda v: v > 0)
-    _check_real("train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1)
-    _check_real("train.weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0)
+    _check_fields(check_int, "train", self,
+                  ("batch_size", "seq_len", "steps", "eval_batches", "keep"))
+    _check_fields(check_int, "train", self,
+                  ("warmup_steps", "eval_every", "checkpoint_every", "swap_interval",
+                   "swap_window", "swap_max_pairs", "nan_skip_limit"), low=0)
+    check_int("train.seed", self.seed, low=0, high=SEED_LIMIT - 1)
+    check_real("train.lr", self.lr, 0, strict=True)
+    _check_interval("train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1)
+    check_real("train.weight_decay", self.weight_decay, 0)
     for name in ("b1", "b2"):
-      _check_real(f"train.{name}", getattr(self, name), "in [0, 1)", lambda v: 0 <= v < 1)
-    _check_real("train.grad_clip", self.grad_clip, "> 0", lambda v: v > 0)
-    _check_real("train.drop_warning", self.drop_warning, "in [0, 1]", lambda v: 0 <= v <= 1)
-    _check_bools("train", self, ("swap_migration_cost",))
+      _check_interval(f"train.{name}", getattr(self, name), "in [0, 1)", lambda v: 0 <= v < 1)
+    check_real("train.grad_clip", self.grad_clip, 0, strict=True)
+    _check_interval("train.drop_warning", self.drop_warning, "in [0, 1]", lambda v: 0 <= v <= 1)
+    check_bool("train.swap_migration_cost", self.swap_migration_cost, "true/false")
     if not isinstance(self.swap_profile, str) or not self.swap_profile:
-      _fail("train.swap_profile", self.swap_profile,
-            "must be a shipped profile name (e.g. 'default') or a path to a profile JSON")
+      fail("train.swap_profile", self.swap_profile,
+           "must be a shipped profile name (e.g. 'default') or a path to a profile JSON")
     if self.swap_interval:
       # Load it now rather than after the model is built.
       from hiermoe_jax import cost
       try:
         cost.load_profile(self.swap_profile)
       except ConfigError as e:
-        _fail("train.swap_profile", self.swap_profile, str(e))
-    if self.on_nan not in ("skip", "stop"):
-      _fail("train.on_nan", self.on_nan, "must be 'skip' or 'stop'")
+        fail("train.swap_profile", self.swap_profile, str(e))
+    check_choice("train.on_nan", self.on_nan, ("skip", "stop"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,10 +154,9 @@ class DataConfig:
   def __post_init__(self):
     if self.path is not None and (not isinstance(self.path, str) or not self.path):
       # "" would read the working directory (pathlib.Path("") is ".").
-      _fail("data.path", self.path, "must be null (the default corpus) or a non-empty path")
-    _check_real("data.eval_fraction", self.eval_fraction, "in (0, 1)", lambda v: 0 < v < 1)
-    if self.token_dtype not in TOKEN_DTYPES:
-      _fail("data.token_dtype", self.token_dtype, f"must be one of {TOKEN_DTYPES}")
+      fail("data.path", self.path, "must be null (the default corpus) or a non-empty path")
+    _check_interval("data.eval_fraction", self.eval_fraction, "in (0, 1)", lambda v: 0 < v < 1)
+    check_choice("data.token_dtype", self.token_dtype, TOKEN_DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +168,7 @@ class MeshConfig:
     for name in ("nodes", "local"):
       value = getattr(self, name)
       if value is not None and (not is_int(value) or value < 1):
-        _fail(f"mesh.{name}", value, "must be None or an integer >= 1")
+        fail(f"mesh.{name}", value, "must be None or an integer >= 1")
 
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "train": TrainConfig, "data": DataConfig,
@@ -220,7 +208,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
       return True
     if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
       return False
-    _fail(key, value, "expected a boolean (true/false)")
+    fail(key, value, "expected a boolean (true/false)")
   if hint in (int, float):
     exact = (int,) if hint is int else (int, float)  # an int is a valid float, not vice versa
     if isinstance(value, exact) and not isinstance(value, bool):
@@ -230,11 +218,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return hint(value)
       except ValueError:
         pass
-    _fail(key, value, "expected an integer" if hint is int else "expected a float")
+    fail(key, value, "expected an integer" if hint is int else "expected a float")
   if hint is str:
     if isinstance(value, str):
       return value
-    _fail(key, value, "expected a string")
+    fail(key, value, "expected a string")
   raise TypeError(f"{key}: unsupported annotation {hint!r}")
 
 
