@@ -75,6 +75,11 @@ class MoEConfig:
   all_to_all: str = "padded"  # "ragged" uses jax.lax.ragged_all_to_all on GPU
   # Mesh axes of the expert-parallel hierarchy, slowest link first (one or two).
   expert_axes: tuple[str, ...] = AXES
+  # Other mesh axes that split the tokens (None: every axis that is neither an
+  # expert axis nor the tensor axis); the experts are replicated over them.
+  batch_axes: tuple[str, ...] | None = None
+  # A mesh axis that splits each expert's FFN width (expert tensor parallelism).
+  tensor_axis: str | None = None
 
   def __post_init__(self):
     # Normalise dtypes given as jnp dtypes to their names (keeps the config hashable).
@@ -137,6 +142,18 @@ class MoEConfig:
       object.__setattr__(self, "expert_axes", check_expert_axes(self.expert_axes))
     except ConfigError as e:
       raise ConfigError(f"MoEConfig.{e}") from None
+    if self.tensor_axis is not None and (not isinstance(self.tensor_axis, str)
+                                         or self.tensor_axis in self.expert_axes):
+      _fail("tensor_axis", self.tensor_axis,
+            f"must be None or a mesh axis name that is not one of expert_axes={self.expert_axes}")
+    if self.batch_axes is not None:
+      batch = self.batch_axes
+      batch = tuple(batch) if isinstance(batch, (tuple, list)) else batch
+      if (not isinstance(batch, tuple) or not all(isinstance(a, str) for a in batch)
+          or set(batch) & set(self.expert_axes + (self.tensor_axis,))):
+        _fail("batch_axes", self.batch_axes, "must be None or mesh axis names that are neither "
+              "expert_axes nor tensor_axis")
+      object.__setattr__(self, "batch_axes", batch)
 
   @property
   def shared_width(self) -> int:

@@ -76,4 +76,6 @@ def local_experts(rows_RD, slots_RM, w_RM, expert_params, *, capacity: int, layo
       y_SD = experts_einsum(x_XCD, gate, up, down).reshape(x_SD.shape)
   # Pre-reduce: one weighted vector per received row, whatever its expert count.
   out_RD = unpermute(y_SD, row_S, w_S, num_tokens=rows_RD.shape[0], impl=layout.permute_impl)
+  if layout.shape.tensor_axis:  # each tensor rank holds a slice of the FFN width
+    out_RD = jax.lax.psum(out_RD, layout.shape.tensor_axis)
   return out_RD, dropped

@@ -29,7 +29,8 @@ from hiermoe_jax.dispatch.base import Strategy, traffic_classes
 from hiermoe_jax.dispatch.capacity import capacities
 from hiermoe_jax.experts import local_experts, shared_experts
 from hiermoe_jax.mesh import MeshShape
-from hiermoe_jax.validate import check_placement, validate_for_mesh, validate_tokens
+from hiermoe_jax.params import param_specs
+from hiermoe_jax.validate import check_placement, shape_of, validate_for_mesh, validate_tokens
 
 
 @flax.struct.dataclass
@@ -116,7 +117,7 @@ def _device_moe(strategy: Strategy, x_TD, slots_TK, w_TK, expert_params, *, caps
   rows, peak = _traffic(handle.stats, strategy.tiers, layout.shape)
   dropped = {tier: s.dropped_pairs for tier, s in zip(strategy.tiers, handle.stats)}
   dropped["expert"] = expert_dropped
-  axes = layout.shape.axes
+  axes = layout.shape.token_axes  # every group of the hierarchy counts its own tokens
   return y_TD, (jax.lax.psum(dropped, axes), jax.lax.psum(rows, axes), jax.lax.pmax(peak, axes))
 
 
@@ -166,10 +167,10 @@ def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
 # (config, mesh, shapes) instead of dispatching every op through shard_map.
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "profile"))
 def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Mesh, profile):
-  shape = MeshShape.of(mesh, config.expert_axes)
+  shape = shape_of(config, mesh)
   lead, d_in = x.shape[:-1], x.shape[-1]
   x_TD = x.reshape(-1, d_in)
-  tokens_per_device = x_TD.shape[0] // shape.devices
+  tokens_per_device = x_TD.shape[0] // (shape.batch * shape.devices)
 
   with jax.named_scope("router"):
     logits_TE = x_TD.astype(jnp.float32) @ params["router"]["kernel"].astype(jnp.float32)
@@ -187,7 +188,7 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
   layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute,
                            ragged=_use_ragged(config, mesh))
   rows_spec = shape.rows(2)
-  expert_specs = jax.tree.map(lambda a: shape.rows(a.ndim), params["experts"])
+  expert_specs = param_specs(config)["experts"]
   step = jax.shard_map(
       functools.partial(_device_step, dispatch=config.dispatch, caps=caps, layout=layout,
                         profile=profile, top_k=config.top_k,

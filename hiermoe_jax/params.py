@@ -35,11 +35,18 @@ def param_shapes(config: MoEConfig) -> dict:
   return shapes
 
 
+# The FFN-width dim of each expert stack, split over MoEConfig.tensor_axis if set.
+_WIDTH_DIM = {"gate": 2, "up": 2, "down": 1}
+
+
 def param_specs(config: MoEConfig) -> dict:
-  """PartitionSpecs matching `param_shapes`: expert stacks split, the rest replicated."""
-  def spec(path, shape):
+  """PartitionSpecs matching `param_shapes`: expert stacks split over the expert
+  axes (and their FFN width over the tensor axis), the rest replicated."""
+  shape = mesh_lib.MeshShape(1, 1, config.expert_axes, tensor_axis=config.tensor_axis)
+
+  def spec(path, dims):
     if path[0].key == "experts":
-      return mesh_lib.sharded_rows(len(shape), config.expert_axes)
+      return shape.expert_rows(len(dims), _WIDTH_DIM[path[1].key])
     return mesh_lib.replicated()
   return jax.tree_util.tree_map_with_path(spec, param_shapes(config),
                                           is_leaf=lambda x: isinstance(x, tuple))

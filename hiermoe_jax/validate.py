@@ -23,9 +23,21 @@ def check_experts_fit(num_experts: int, shape: MeshShape, name: str = "num_exper
                       f"{shape.devices} devices of the {shape.nodes}x{shape.local} mesh")
 
 
+def shape_of(config: MoEConfig, mesh: Mesh) -> MeshShape:
+  """The block's view of `mesh`: its expert hierarchy, batch axes and tensor axis."""
+  try:
+    return MeshShape.of(mesh, config.expert_axes, tensor_axis=config.tensor_axis,
+                        batch_axes=config.batch_axes)
+  except ConfigError as e:
+    raise ConfigError(f"MoEConfig: {e}") from None
+
+
 def validate_for_mesh(config: MoEConfig, mesh: Mesh) -> MeshShape:
-  shape = MeshShape.of(mesh, config.expert_axes)
+  shape = shape_of(config, mesh)
   check_experts_fit(config.num_experts, shape, "MoEConfig.num_experts")
+  if config.d_ff % shape.tensor:
+    raise ConfigError(f"MoEConfig.d_ff={config.d_ff} is invalid: must be a multiple of the "
+                      f"{shape.tensor} devices of tensor_axis={config.tensor_axis!r}")
   return shape
 
 
@@ -33,9 +45,10 @@ def validate_tokens(num_tokens: int, d_model_in: int, config: MoEConfig, shape: 
   if d_model_in != config.d_model:
     raise ValueError(f"moe_apply: x has last dimension {d_model_in}, but "
                      f"MoEConfig.d_model={config.d_model}")
-  if num_tokens % shape.devices:
-    raise ValueError(f"moe_apply: x has {num_tokens} tokens, which the {shape.devices} devices "
-                     f"of the mesh cannot split evenly; use a multiple of {shape.devices}")
+  splits = shape.batch * shape.devices
+  if num_tokens % splits:
+    raise ValueError(f"moe_apply: x has {num_tokens} tokens, which the {splits} devices "
+                     f"of the mesh cannot split evenly; use a multiple of {splits}")
 
 
 def check_placement(placement, num_experts: int | None = None, name: str = "placement"):

@@ -72,7 +72,8 @@ def live_peaks(slots_TK, *, shape: MeshShape, experts_per_device: int,
     summed_GA = jax.lax.psum(toward_GA, axes) if axes else toward_GA
     through.update({s.name: summed_GA[i] for i, s in enumerate(group)})
   local = {s.name: _local_peaks(s, device_TK, shape, through.get(s.name)) for s in strategies}
-  flat = jax.lax.pmax(jnp.stack([p for peaks in local.values() for p in peaks]), shape.axes)
+  # Over every token group too, so that all devices take the same branch.
+  flat = jax.lax.pmax(jnp.stack([p for peaks in local.values() for p in peaks]), shape.token_axes)
   out, i = {}, 0
   for name, peaks in local.items():
     out[name] = tuple(flat[i:i + len(peaks)])
