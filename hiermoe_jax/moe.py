@@ -52,11 +52,19 @@ class MoEAux:
   dedup_rate: dict[str, jax.Array]  # {"node", "device"} copies removed by dedup
   strategy_index: jax.Array  # index into dispatch.names() of the strategy that ran
   predicted_ms: dict[str, jax.Array]  # "auto" only: the cost model's time per strategy
+  # False when the placement was not a permutation (only a traced one gets this
+  # far: a concrete one is refused before tracing); the output is then all NaN.
+  placement_ok: jax.Array
   strategy: str = flax.struct.field(pytree_node=False, default="flat")  # config.dispatch
 
   def strategy_ran(self) -> str:
     """Name of the strategy that ran (resolves "auto"; needs a concrete aux)."""
     return registry.names()[int(self.strategy_index)]
+
+
+def is_permutation(placement, num_experts: int) -> jax.Array:
+  """In-graph check of a traced placement: its sorted values are range(E)."""
+  return jnp.all(jnp.sort(placement) == jnp.arange(num_experts, dtype=placement.dtype))
 
 
 def inverse_placement(placement, num_experts: int):
@@ -206,6 +214,10 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
   if config.shared_width:
     with jax.named_scope("shared_experts"):
       y_TD = y_TD + shared_experts(params, x_TD.astype(dtype))
+  # A wrong placement must never give a plausible answer: poison the output.
+  placement_ok = (jnp.bool_(True) if placement is None
+                  else is_permutation(placement, config.num_experts))
+  y_TD = jnp.where(placement_ok, y_TD, jnp.nan)
 
   aux = MoEAux(
       aux_loss=config.load_balance_weight * lb_loss + config.z_loss_weight * z,
@@ -223,6 +235,7 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
       },
       strategy_index=strategy_index,
       predicted_ms=predicted,
+      placement_ok=placement_ok,
       strategy=config.dispatch,
   )
   return y_TD.reshape(*lead, d_in).astype(x.dtype), aux

@@ -121,3 +121,26 @@ def test_invalid_inputs_have_clear_errors():
   with pytest.raises(ValueError,
                      match="num_experts=12 is invalid: must be a multiple of the 8 devices"):
     hm.init_params(jax.random.key(0), config.replace(num_experts=12, top_k=2), mesh)
+
+
+def test_a_traced_placement_that_is_not_a_permutation_poisons_the_output():
+  """Under jit the placement cannot be checked before tracing: the output is NaN
+  and aux.placement_ok says why, never a plausible wrong answer."""
+  mesh = mesh_of("2x4")
+  config = router_config("softmax", dispatch="hier_dedup")
+  params, x, placement, _ = random_inputs(config, mesh)
+  run = jax.jit(lambda placement: hm.moe_apply(params, x, config=config, mesh=mesh,
+                                               placement=placement))
+  y, aux = run(placement)
+  assert bool(aux.placement_ok) and np.isfinite(np.asarray(y)).all()
+  y, aux = run(placement.at[0].set(placement[1]))  # a slot repeated, another missing
+  assert not bool(aux.placement_ok) and np.isnan(np.asarray(y)).all()
+
+
+def test_placement_may_be_a_list():
+  mesh = mesh_of("2x4")
+  config = router_config("softmax")
+  params, x, placement, _ = random_inputs(config, mesh)
+  y_list, _ = hm.moe_apply(params, x, config=config, mesh=mesh, placement=placement.tolist())
+  y_array, _ = hm.moe_apply(params, x, config=config, mesh=mesh, placement=placement)
+  np.testing.assert_array_equal(np.asarray(y_list), np.asarray(y_array))
