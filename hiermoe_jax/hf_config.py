@@ -1,7 +1,12 @@
 """Hugging Face `config.json` -> MoEConfig fields, one function per model family.
 
-Optional keys are read with typed getters, so a malformed value raises a one-line
-`ConfigError` naming the Hugging Face key (not a bare `int()` / `float()` error).
+Accepts the parsed `config.json` (a dict) or a `transformers` config object (read
+through its `to_dict()`). Optional keys are read with typed getters, so a malformed
+value raises a one-line `ConfigError` naming the Hugging Face key (not a bare
+`int()` / `float()` error). The expert count has several spellings: the checkpoints'
+`config.json` and transformers' `to_dict()` do not agree (`Qwen3MoeConfig.to_dict()`
+writes `num_local_experts`, Qwen3's `config.json` has `num_experts`), so each family
+takes any of its spellings.
 """
 
 from __future__ import annotations
@@ -15,6 +20,23 @@ def _require(config: Mapping[str, Any], key: str, family: str) -> Any:
   if key not in config:
     raise ConfigError(f"Hugging Face {family} config is missing key {key!r}")
   return config[key]
+
+
+def _require_any(config: Mapping[str, Any], keys: tuple[str, ...], family: str) -> Any:
+  for key in keys:
+    if config.get(key) is not None:
+      return config[key]
+  others = " or ".join(repr(k) for k in keys[1:])
+  raise ConfigError(f"Hugging Face {family} config is missing key {keys[0]!r} (or {others})")
+
+
+def _check_act(c, family):
+  # The experts are SwiGLU: another activation would load and silently compute
+  # something else.
+  act = c.get("hidden_act")
+  if act is not None and act not in ("silu", "swish"):
+    raise ConfigError(f"Hugging Face {family} config key hidden_act={act!r} is not supported: "
+                      "the experts are SwiGLU ('silu')")
 
 
 def _get(config: Mapping[str, Any], key: str, family: str, default: Any, ok: Callable,
@@ -43,7 +65,7 @@ def _mixtral(c):
   return dict(
       d_model=_require(c, "hidden_size", "mixtral"),
       d_ff=_require(c, "intermediate_size", "mixtral"),
-      num_experts=_require(c, "num_local_experts", "mixtral"),
+      num_experts=_require_any(c, ("num_local_experts", "num_experts"), "mixtral"),
       top_k=_require(c, "num_experts_per_tok", "mixtral"),
       router="softmax",
       norm_topk_prob=True,  # Mixtral always renormalises its top-k weights.
@@ -56,7 +78,7 @@ def _qwen2_moe(c):
   return dict(
       d_model=_require(c, "hidden_size", "qwen2_moe"),
       d_ff=_require(c, "moe_intermediate_size", "qwen2_moe"),
-      num_experts=_require(c, "num_experts", "qwen2_moe"),
+      num_experts=_require_any(c, ("num_experts", "num_local_experts"), "qwen2_moe"),
       top_k=_require(c, "num_experts_per_tok", "qwen2_moe"),
       router="softmax",
       norm_topk_prob=_bool(c, "norm_topk_prob", "qwen2_moe", False),
@@ -71,7 +93,7 @@ def _qwen3_moe(c):
   return dict(
       d_model=_require(c, "hidden_size", "qwen3_moe"),
       d_ff=_require(c, "moe_intermediate_size", "qwen3_moe"),
-      num_experts=_require(c, "num_experts", "qwen3_moe"),
+      num_experts=_require_any(c, ("num_experts", "num_local_experts"), "qwen3_moe"),
       top_k=_require(c, "num_experts_per_tok", "qwen3_moe"),
       router="softmax",
       norm_topk_prob=_bool(c, "norm_topk_prob", "qwen3_moe", False),
@@ -80,7 +102,7 @@ def _qwen3_moe(c):
 
 
 def _deepseek_v3(c):
-  scoring = c.get("scoring_func", "sigmoid")
+  scoring = c.get("scoring_func") or "sigmoid"  # transformers 5's to_dict() leaves it out
   if scoring != "sigmoid":
     raise ConfigError(f"DeepSeek-V3 config has scoring_func={scoring!r}; only 'sigmoid' is "
                       "supported")
@@ -88,7 +110,7 @@ def _deepseek_v3(c):
   return dict(
       d_model=_require(c, "hidden_size", "deepseek_v3"),
       d_ff=moe_ff,
-      num_experts=_require(c, "n_routed_experts", "deepseek_v3"),
+      num_experts=_require_any(c, ("n_routed_experts", "num_local_experts"), "deepseek_v3"),
       top_k=_require(c, "num_experts_per_tok", "deepseek_v3"),
       router="sigmoid_grouped",
       norm_topk_prob=_bool(c, "norm_topk_prob", "deepseek_v3", True),
@@ -108,12 +130,22 @@ FAMILIES: dict[str, Callable[[Mapping[str, Any]], dict]] = {
 }
 
 
-def moe_fields_from_hf(config: Mapping[str, Any]) -> dict:
-  if not isinstance(config, Mapping):
-    raise ConfigError(f"a Hugging Face config must be a mapping (the parsed config.json), "
-                      f"not {type(config).__name__}")
+def as_dict(config: Any) -> Mapping[str, Any]:
+  """The parsed `config.json`, or a `transformers` config object's `to_dict()`."""
+  if isinstance(config, Mapping):
+    return config
+  to_dict = getattr(config, "to_dict", None)
+  if callable(to_dict):  # transformers.PretrainedConfig, without importing transformers
+    return to_dict()
+  raise ConfigError(f"a Hugging Face config must be a mapping (the parsed config.json) or a "
+                    f"transformers config object, not {type(config).__name__}")
+
+
+def moe_fields_from_hf(config: Any) -> dict:
+  config = as_dict(config)
   model_type = config.get("model_type")
   if model_type not in FAMILIES:
     raise ConfigError(f"Hugging Face config model_type={model_type!r} is not supported; "
                       f"expected one of {sorted(FAMILIES)}")
+  _check_act(config, model_type)
   return FAMILIES[model_type](config)
