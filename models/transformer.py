@@ -126,10 +126,18 @@ class Transformer(nnx.Module):
     return list(range(self.cfg.first_k_dense, self.cfg.n_layers))
 
   def __call__(self, tokens_BS):
+    return self.logits_of(self.hidden(tokens_BS))
+
+  def hidden(self, tokens_BS):
+    """Final-normed hidden states [B, S, D]: a chunked loss (models/loss.py) unembeds
+    them a chunk at a time instead of holding [B, S, V] logits."""
     x_BSD = self.embed(tokens_BS)
     for block in self.blocks:
       x_BSD = block(x_BSD)
-    x_BSD = self.final_norm(x_BSD)
+    return self.final_norm(x_BSD)
+
+  def logits_of(self, x_BSD):
+    """The unembedding: hidden states [..., D] -> float32 logits [..., V]."""
     if self.lm_head is None:
       logits_BSV = self.embed.attend(x_BSD)
     else:
