@@ -42,12 +42,12 @@ def sigmoid_grouped_topk(logits_TE, bias_E, *, k: int, n_group: int, topk_group:
   choice_TE = scores_TE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
   num_tokens, num_experts = scores_TE.shape
   if n_group > 1:
-    grouped_TGX = choice_TE.reshape(num_tokens, n_group, num_experts // n_group)
-    group_score_TG = jnp.sum(jax.lax.top_k(grouped_TGX, 2)[0], axis=-1)
-    _, top_groups = jax.lax.top_k(group_score_TG, topk_group)
-    group_mask_TG = jnp.zeros((num_tokens, n_group), bool).at[
+    grouped = choice_TE.reshape(num_tokens, n_group, num_experts // n_group)  # [T, Z, E/Z]
+    group_score_TZ = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+    _, top_groups = jax.lax.top_k(group_score_TZ, topk_group)
+    group_mask_TZ = jnp.zeros((num_tokens, n_group), bool).at[
         jnp.arange(num_tokens)[:, None], top_groups].set(True)
-    expert_mask_TE = jnp.repeat(group_mask_TG, num_experts // n_group, axis=-1)
+    expert_mask_TE = jnp.repeat(group_mask_TZ, num_experts // n_group, axis=-1)
     choice_TE = jnp.where(expert_mask_TE, choice_TE, -jnp.inf)
   # Selection is not differentiated through (it picks indices); weights are.
   _, ids_TK = jax.lax.top_k(jax.lax.stop_gradient(choice_TE), k)

@@ -29,14 +29,14 @@ def _ranks(keys_sorted_by_group: np.ndarray) -> np.ndarray:
   return np.arange(n) - first
 
 
-def simulate(slots_DTK: np.ndarray, strategy: str, shape: MeshShape, num_experts: int, *,
+def simulate(slots_ATK: np.ndarray, strategy: str, shape: MeshShape, num_experts: int, *,
              hop_caps=None, expert_cap=None) -> dict:
   """Replays one strategy. Capacities of None mean unlimited (dropless)."""
   strat = registry.get_strategy(strategy)
-  devices, tokens, top_k = slots_DTK.shape
+  devices, tokens, top_k = slots_ATK.shape
   per_device = num_experts // shape.devices
-  dev, tok, k = (a.ravel() for a in np.indices(slots_DTK.shape))
-  slot = slots_DTK.ravel().astype(np.int64)
+  dev, tok, k = (a.ravel() for a in np.indices(slots_ATK.shape))
+  slot = slots_ATK.ravel().astype(np.int64)
   alive = np.ones(slot.shape, bool)
   row = tok * top_k + k if not strat.dedup else tok.copy()  # current row on `cur`
   cur = dev.copy()
@@ -72,19 +72,19 @@ def simulate(slots_DTK: np.ndarray, strategy: str, shape: MeshShape, num_experts
   over = ranks >= (expert_cap if expert_cap is not None else np.inf)
   result["dropped"]["expert"] = int(over.sum())
   alive[live[over]] = False
-  result["kept_DTK"] = alive.reshape(slots_DTK.shape)
+  result["kept_ATK"] = alive.reshape(slots_ATK.shape)
   return result
 
 
-def dedup_rate(slots_DTK: np.ndarray, experts_per_group: int) -> float:
-  groups = np.sort(slots_DTK // experts_per_group, axis=-1)
+def dedup_rate(slots_ATK: np.ndarray, experts_per_group: int) -> float:
+  groups = np.sort(slots_ATK // experts_per_group, axis=-1)
   distinct = 1 + np.sum(groups[..., 1:] != groups[..., :-1], axis=-1)
-  return float(1.0 - distinct.sum() / slots_DTK.size)
+  return float(1.0 - distinct.sum() / slots_ATK.size)
 
 
-def inter_node_floor(slots_DTK: np.ndarray, shape: MeshShape, num_experts: int) -> int:
+def inter_node_floor(slots_ATK: np.ndarray, shape: MeshShape, num_experts: int) -> int:
   """Rows that must cross nodes: each token once per distinct remote node."""
-  nodes = np.sort(slots_DTK // (num_experts // shape.nodes), axis=-1)
+  nodes = np.sort(slots_ATK // (num_experts // shape.nodes), axis=-1)
   first = np.concatenate([np.ones_like(nodes[..., :1], bool),
                           nodes[..., 1:] != nodes[..., :-1]], axis=-1)
   home = (np.arange(shape.devices) // shape.local)[:, None, None]

@@ -170,7 +170,7 @@ def test_dispatch_combine_round_trip_with_identity_experts(strategy, dropless):
                                                          shape.rows(3)),
                             out_specs=shape.rows(2)))(x, slots, w)
   kept = traffic.simulate(slots, strategy, shape, num_experts,
-                          hop_caps=caps.hops, expert_cap=None)["kept_DTK"]
+                          hop_caps=caps.hops, expert_cap=None)["kept_ATK"]
   if dropless:
     assert kept.all()
   else:

@@ -174,8 +174,8 @@ def test_training_with_swaps_every_step_matches_training_without():
       params, opt_state, loss, ids = step(params, opt_state, jnp.asarray(placement), x, target)
       losses.append(float(loss))
       if swaps:
-        ids_DTK = np.asarray(ids).reshape(shape.devices, tokens_per_device, config.top_k)
-        plan = search(ids_DTK, placement, shape, search_config)
+        ids_ATK = np.asarray(ids).reshape(shape.devices, tokens_per_device, config.top_k)
+        plan = search(ids_ATK, placement, shape, search_config)
         if plan.changed:
           params, opt_state = migrate((params, opt_state), placement, plan.placement, mesh)
           placement, moves = plan.placement, moves + len(plan.pairs)

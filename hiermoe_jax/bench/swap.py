@@ -47,10 +47,10 @@ def drifting_routing(*, devices: int, tokens: int, num_experts: int, top_k: int,
   num_clusters = int(cluster_E.max()) + 1
   out = []
   for _ in range(steps):
-    p_C = np.bincount(cluster_E, weights=np.exp(log_p), minlength=num_clusters)
+    p_cluster = np.bincount(cluster_E, weights=np.exp(log_p), minlength=num_clusters)
     per_device = []
     for _ in range(devices):
-      anchor_T = rng.choice(num_clusters, size=tokens, p=p_C / p_C.sum())
+      anchor_T = rng.choice(num_clusters, size=tokens, p=p_cluster / p_cluster.sum())
       bonus_TE = affinity * (cluster_E[None, :] == anchor_T[:, None])
       per_device.append(synthetic.sample_topk(log_p[None, :] + bonus_TE, (tokens,), top_k,
                                               rng))
@@ -59,9 +59,9 @@ def drifting_routing(*, devices: int, tokens: int, num_experts: int, top_k: int,
   return out
 
 
-def max_over_mean_rows(ids_DTK: np.ndarray, placement: np.ndarray, devices: int) -> float:
+def max_over_mean_rows(ids_ATK: np.ndarray, placement: np.ndarray, devices: int) -> float:
   """Compute imbalance: max / mean (token, expert) rows per device under `placement`."""
-  slots = np.argsort(placement)[ids_DTK.ravel()]
+  slots = np.argsort(placement)[ids_ATK.ravel()]
   per_device = np.bincount(slots // (placement.shape[0] // devices), minlength=devices)
   return float(per_device.max() / max(per_device.mean(), 1e-9))
 
@@ -152,10 +152,10 @@ def run(args) -> dict | None:
   x_g, w_g = timed_lib.global_array(mesh, x), timed_lib.global_array(mesh, w)
   fns, info = {}, {}
   for name, placement in (("before", identity), ("after", final)):
-    slots_DTK = np.argsort(placement)[held_out].astype(np.int32)
-    caps = timed_lib.tight_hop_caps(slots_DTK, STRATEGY, shape, args.experts)
+    slots_ATK = np.argsort(placement)[held_out].astype(np.int32)
+    caps = timed_lib.tight_hop_caps(slots_ATK, STRATEGY, shape, args.experts)
     step_fn = timed_lib.exchange_step(mesh, STRATEGY, caps, args.experts, backward=False)
-    slots_g = timed_lib.global_array(mesh, slots_DTK.reshape(-1, args.topk))
+    slots_g = timed_lib.global_array(mesh, slots_ATK.reshape(-1, args.topk))
     fns[name] = (lambda f, s: lambda: f(x_g, s, w_g, x_g))(step_fn, slots_g)
     info[name] = {"hop_capacity": list(caps),
                   "max_over_mean_rows": max_over_mean_rows(held_out, placement, shape.devices)}

@@ -1,7 +1,8 @@
 """Timed mesh benchmark: dispatch + combine of each strategy, and profile fitting.
 
-Legend: T tokens per device, K top-k, E experts, D model dim, P peers of a hop,
-C capacity (rows per peer), S tokens per gspmd group, W number of gspmd groups.
+Legend (docs/legend.md): A devices, T tokens (per device; per gspmd group in the
+baseline), K top-k, E experts, D model dim, P peers of a hop, C capacity (rows per
+peer), W gspmd groups.
 
 Every strategy runs on the same routed tokens with tight padded buffers: each
 hop's capacity is the most rows any device sends to one peer in it (self
@@ -82,9 +83,9 @@ def global_array(mesh, host_array: np.ndarray):
   return jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])
 
 
-def routed_inputs(ids_DTK: np.ndarray, d_model: int, dtype: str, seed: int):
+def routed_inputs(ids_ATK: np.ndarray, d_model: int, dtype: str, seed: int):
   """Host arrays x [N*G*T, D], slots [N*G*T, K] (identity placement), w [N*G*T, K]."""
-  devices, tokens, top_k = ids_DTK.shape
+  devices, tokens, top_k = ids_ATK.shape
   rng = np.random.default_rng(seed + 1)
   x = rng.standard_normal((devices * tokens, d_model), dtype=np.float32)
   w = rng.random((devices * tokens, top_k), dtype=np.float32)
@@ -92,20 +93,20 @@ def routed_inputs(ids_DTK: np.ndarray, d_model: int, dtype: str, seed: int):
   if dtype == "bfloat16":
     import jax.numpy as jnp
     x = x.astype(jnp.bfloat16)
-  return x, ids_DTK.reshape(devices * tokens, top_k).astype(np.int32), w
+  return x, ids_ATK.reshape(devices * tokens, top_k).astype(np.int32), w
 
 
-def tight_hop_caps(slots_DTK: np.ndarray, strategy: str, shape: MeshShape,
+def tight_hop_caps(slots_ATK: np.ndarray, strategy: str, shape: MeshShape,
                    num_experts: int) -> tuple[int, ...]:
   """Per-hop capacity = most rows any device sends to one peer (self included)."""
-  sim = traffic.simulate(slots_DTK, strategy, shape, num_experts)
+  sim = traffic.simulate(slots_ATK, strategy, shape, num_experts)
   return tuple(max(int(hop["sent"].max(initial=0)), 1) for hop in sim["hops"])
 
 
-def gspmd_capacity(slots_DTK: np.ndarray, group: int, num_experts: int) -> int:
+def gspmd_capacity(slots_ATK: np.ndarray, group: int, num_experts: int) -> int:
   """Tight per-(group, expert) capacity of the gspmd baseline."""
-  devices, tokens, top_k = slots_DTK.shape
-  groups = slots_DTK.reshape(devices * tokens // group, group * top_k)
+  devices, tokens, top_k = slots_ATK.shape
+  groups = slots_ATK.reshape(devices * tokens // group, group * top_k)
   counts = np.stack([np.bincount(g, minlength=num_experts) for g in groups])
   return max(int(counts.max()), 1)
 
@@ -192,30 +193,30 @@ def gspmd_step(mesh, *, group: int, capacity: int, num_experts: int,
   by_group = named(mesh, P(AXES, None, None, None))  # [W, ...] groups over devices
   by_expert = named(mesh, P(None, AXES, None, None))  # [W, E, C, D] experts over devices
 
-  def forward(x_ND, slots_NK, w_NK):
-    n, d = x_ND.shape
-    k = slots_NK.shape[1]
-    x_WSD = x_ND.reshape(n // group, group, d)
-    onehot_WSKE = jax.nn.one_hot(slots_NK.reshape(n // group, group, k), num_experts,
+  def forward(x_TD, slots_TK, w_TK):
+    n, d = x_TD.shape
+    k = slots_TK.shape[1]
+    x_WTD = x_TD.reshape(n // group, group, d)
+    onehot_WTKE = jax.nn.one_hot(slots_TK.reshape(n // group, group, k), num_experts,
                                  dtype=jnp.int32)
-    mask_WSE = jnp.sum(onehot_WSKE, axis=2)
-    gate_WSE = jnp.einsum("wske,wsk->wse", onehot_WSKE.astype(jnp.float32),
-                          w_NK.reshape(n // group, group, k))
-    pos_WSE = jnp.cumsum(mask_WSE, axis=1) - 1
-    keep_WSE = (mask_WSE > 0) & (pos_WSE < capacity)
-    dispatch_WSEC = (jax.nn.one_hot(jnp.where(keep_WSE, pos_WSE, -1), capacity,
-                                    dtype=x_ND.dtype))
-    combine_WSEC = dispatch_WSEC * gate_WSE[..., None].astype(x_ND.dtype)
+    mask_WTE = jnp.sum(onehot_WTKE, axis=2)
+    gate_WTE = jnp.einsum("wtke,wtk->wte", onehot_WTKE.astype(jnp.float32),
+                          w_TK.reshape(n // group, group, k))
+    pos_WTE = jnp.cumsum(mask_WTE, axis=1) - 1
+    keep_WTE = (mask_WTE > 0) & (pos_WTE < capacity)
+    dispatch_WTEC = (jax.nn.one_hot(jnp.where(keep_WTE, pos_WTE, -1), capacity,
+                                    dtype=x_TD.dtype))
+    combine_WTEC = dispatch_WTEC * gate_WTE[..., None].astype(x_TD.dtype)
     with jax.named_scope("dispatch_gspmd"):
-      buf_WECD = jnp.einsum("wsec,wsd->wecd", dispatch_WSEC, x_WSD)
+      buf_WECD = jnp.einsum("wtec,wtd->wecd", dispatch_WTEC, x_WTD)
       buf_WECD = jax.lax.with_sharding_constraint(buf_WECD, by_group)
       buf_WECD = jax.lax.with_sharding_constraint(buf_WECD, by_expert)  # all-to-all
     with jax.named_scope("experts"):
       out_WECD = buf_WECD * jnp.asarray(2, buf_WECD.dtype)  # stand-in, stays on experts
     with jax.named_scope("combine_gspmd"):
       out_WECD = jax.lax.with_sharding_constraint(out_WECD, by_group)  # all-to-all back
-      y_WSD = jnp.einsum("wsec,wecd->wsd", combine_WSEC, out_WECD)
-    return y_WSD.reshape(n, d)
+      y_WTD = jnp.einsum("wtec,wecd->wtd", combine_WTEC, out_WECD)
+    return y_WTD.reshape(n, d)
 
   return jax.jit(_with_backward(forward, backward))
 
@@ -267,35 +268,35 @@ def summary(ms: np.ndarray) -> dict:
 
 # ----------------------------------------------------------------------------- benchmark
 
-def benchmark(mesh, ids_DTK: np.ndarray, *, strategies: list[str], num_experts: int,
+def benchmark(mesh, ids_ATK: np.ndarray, *, strategies: list[str], num_experts: int,
               d_model: int, dtype: str, repeats: int, warmup: int, backward: bool,
               gspmd_group: int, seed: int, profile=None) -> dict[str, dict]:
   """Times each strategy; returns {name: {"time_ms", "hop_capacity", ...}}."""
   import jax.numpy as jnp
   shape = MeshShape.of(mesh)
-  x, slots, w = routed_inputs(ids_DTK, d_model, dtype, seed)
+  x, slots, w = routed_inputs(ids_ATK, d_model, dtype, seed)
   x_g, slots_g, w_g = (global_array(mesh, a) for a in (x, slots, w))
   ct_g = global_array(mesh, np.ones(x.shape, np.float32).astype(x.dtype))
   info, steps = {}, {}
   for name in strategies:
     if name == "gspmd":
-      cap = gspmd_capacity(ids_DTK, gspmd_group, num_experts)
+      cap = gspmd_capacity(ids_ATK, gspmd_group, num_experts)
       fn = gspmd_step(mesh, group=gspmd_group, capacity=cap, num_experts=num_experts,
                       backward=backward)
-      groups_per_device = ids_DTK.shape[1] // gspmd_group
+      groups_per_device = ids_ATK.shape[1] // gspmd_group
       per_peer = (num_experts // shape.devices) * groups_per_device * cap
       info[name] = {"hop_capacity": [per_peer], "gspmd_group": gspmd_group,
                     "gspmd_expert_capacity": cap}
     elif name == "auto":
       from hiermoe_jax.dispatch import auto
-      top_k = ids_DTK.shape[-1]
-      caps = {n: tight_hop_caps(ids_DTK, n, shape, num_experts)
+      top_k = ids_ATK.shape[-1]
+      caps = {n: tight_hop_caps(ids_ATK, n, shape, num_experts)
               for n in auto.candidates(shape, top_k)}
       fn = auto_step(mesh, caps, num_experts, profile, top_k=top_k, d_model=d_model,
                      bytes_per_elem=jnp.dtype(dtype).itemsize, backward=backward)
       info[name] = {"hop_capacity_by_strategy": {n: list(c) for n, c in caps.items()}}
     else:
-      caps = tight_hop_caps(ids_DTK, name, shape, num_experts)
+      caps = tight_hop_caps(ids_ATK, name, shape, num_experts)
       fn = exchange_step(mesh, name, caps, num_experts, backward)
       info[name] = {"hop_capacity": list(caps)}
     steps[name] = functools.partial(fn, x_g, slots_g, w_g, ct_g)

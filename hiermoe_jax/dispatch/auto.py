@@ -26,10 +26,10 @@ from hiermoe_jax.mesh import MeshShape
 def _rows_to(dest_TK, groups: int, dedup: bool):
   """Rows sent to each destination group: one per distinct (token, group) if dedup,
   else one per (token, expert) pair."""
-  hit_TKG = dest_TK[..., None] == jnp.arange(groups)
+  hit_TKU = dest_TK[..., None] == jnp.arange(groups)
   if dedup:
-    return jnp.sum(jnp.any(hit_TKG, axis=1), axis=0, dtype=jnp.int32)
-  return jnp.sum(hit_TKG, axis=(0, 1), dtype=jnp.int32)
+    return jnp.sum(jnp.any(hit_TKU, axis=1), axis=0, dtype=jnp.int32)
+  return jnp.sum(hit_TKU, axis=(0, 1), dtype=jnp.int32)
 
 
 def _peak_excluding(counts, me):
@@ -67,10 +67,10 @@ def live_peaks(slots_TK, *, shape: MeshShape, experts_per_device: int,
   two_hop = [s for s in strategies if len(s.tiers) == 2]
   for first in dict.fromkeys(s.tiers[0] for s in two_hop):
     group = [s for s in two_hop if s.tiers[0] == first]
-    toward_GA = jnp.stack([_rows_to(device_TK, shape.devices, s.dedup) for s in group])
+    toward = jnp.stack([_rows_to(device_TK, shape.devices, s.dedup) for s in group])
     axes = shape.tier_axes(first)
-    summed_GA = jax.lax.psum(toward_GA, axes) if axes else toward_GA
-    through.update({s.name: summed_GA[i] for i, s in enumerate(group)})
+    summed = jax.lax.psum(toward, axes) if axes else toward
+    through.update({s.name: summed[i] for i, s in enumerate(group)})
   local = {s.name: _local_peaks(s, device_TK, shape, through.get(s.name)) for s in strategies}
   # Over every token group too, so that all devices take the same branch.
   flat = jax.lax.pmax(jnp.stack([p for peaks in local.values() for p in peaks]), shape.token_axes)

@@ -101,19 +101,19 @@ def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: 
   mine_SM = (filled_S[:, None] & (slots_SM >= 0)
              & (layout.peer_of(slots_SM, tier) == peer_S[:, None]))
   # Slots travel as float32 beside the weights (exact below 2**24): one collective.
-  meta_SM2 = jnp.concatenate([
+  meta = jnp.concatenate([  # [S, 2 * M]
       jnp.where(mine_SM, slots_SM, -1).astype(jnp.float32),
       jnp.where(mine_SM, w_IM[safe_S], 0.0)], axis=-1)
 
   axes = layout.shape.tier_axes(tier)
   # Metadata is small and always padded: empty slots must read as -1, not 0.
-  recv_meta_SM2 = _exchange(meta_SM2, None, None, axes, peers, ragged=False)
+  recv_meta = _exchange(meta, None, None, axes, peers, ragged=False)
   recv_P = (_exchange(counts_P, None, None, axes, peers, ragged=False) if layout.ragged
             else counts_P)
   recv_rows_SD = _exchange(send_rows_SD, counts_P, recv_P, axes, peers, layout.ragged)
   m = slots_IM.shape[1]
-  recv_slots_SM = jax.lax.stop_gradient(recv_meta_SM2[:, :m]).astype(jnp.int32)
-  recv_w_SM = recv_meta_SM2[:, m:]
+  recv_slots_SM = jax.lax.stop_gradient(recv_meta[:, :m]).astype(jnp.int32)
+  recv_w_SM = recv_meta[:, m:]
   plan = HopPlan(send_src_S, rows_RD.shape[0], counts_P, recv_P)
   return recv_rows_SD, recv_slots_SM, recv_w_SM, plan, HopStats(counts_P, dropped)
 

@@ -30,8 +30,8 @@ token's hits per slot and C[t, u] its hits per unit,
 
 per group of tokens (source device for stage 1, source local index for stage 2).
 
-Legend: M tokens (all source devices), K top-k, E experts (= slots), U units,
-Q token groups, N nodes, G local devices per node.
+Legend (docs/legend.md): T tokens (all source devices), K top-k, E experts
+(= slots), U units, Y sender groups, N nodes, L local devices per node.
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ class SwapPlan:
 @dataclasses.dataclass(frozen=True)
 class _Tier:
   """Loads of one stage and the per-pair deltas of its units."""
-  loads_QU: np.ndarray  # float64 [Q, U]
-  valid_QU: np.ndarray  # bool [Q, U]: the entry is a row that leaves its device
-  delta_QEE: np.ndarray  # [Q, r, c]: change at unit(r) when slots r and c swap
+  loads_YU: np.ndarray  # float64 [Y, U]
+  valid_YU: np.ndarray  # bool [Y, U]: the entry is a row that leaves its device
+  delta_YEE: np.ndarray  # [Y, r, c]: change at unit(r) when slots r and c swap
   unit_E: np.ndarray  # unit of each slot
 
 
@@ -134,40 +134,40 @@ def _hits(topk_ids, placement, shape: MeshShape) -> np.ndarray:
   devices, tokens, top_k = ids.shape
   num_experts = placement.shape[0]
   slot_of = np.argsort(placement)
-  slots_MK = slot_of[ids.reshape(devices * tokens, top_k)]
+  slots_TK = slot_of[ids.reshape(devices * tokens, top_k)]
   hits = np.zeros((devices * tokens, num_experts), np.float32)
-  np.put_along_axis(hits, slots_MK, 1.0, axis=1)
+  np.put_along_axis(hits, slots_TK, 1.0, axis=1)
   return hits
 
 
-def _tier(hits_QTE, unit_E, num_units, valid_QU) -> _Tier:
+def _tier(hits_YTE, unit_E, num_units, valid_YU) -> _Tier:
   """Loads and per-pair deltas of one tier (units: nodes or devices).
 
-  hits_QTE: float32 0/1 hits of the tokens grouped by load row q (exact sums
+  hits_YTE: float32 0/1 hits of the tokens grouped by load row y (exact sums
   while a group has < 2^24 tokens).
   """
   num_experts = unit_E.shape[0]
   onehot_EU = np.zeros((num_experts, num_units), np.float32)
   onehot_EU[np.arange(num_experts), unit_E] = 1.0
-  count_QTU = hits_QTE @ onehot_EU
-  zero_QTE = (count_QTU == 0)[..., unit_E].astype(np.float32)  # the token misses unit(e)
-  only_QTE = hits_QTE * (count_QTU == 1)[..., unit_E]  # e is its only hit on unit(e)
-  loads = np.sum(count_QTU > 0, axis=1).astype(np.float64)
+  count_YTU = hits_YTE @ onehot_EU
+  zero_YTE = (count_YTU == 0)[..., unit_E].astype(np.float32)  # the token misses unit(e)
+  only_YTE = hits_YTE * (count_YTU == 1)[..., unit_E]  # e is its only hit on unit(e)
+  loads = np.sum(count_YTU > 0, axis=1).astype(np.float64)
   # Gains at unit(r) from tokens with c: z^T h. Losses at unit(r) from tokens whose
   # only hit there is r and that do not have c: sum(o) - o^T h.
   # (2D products per group: numpy's batched matmul of transposed views can miss BLAS.)
-  delta = np.stack([z.T @ h + o.T @ h for z, o, h in zip(zero_QTE, only_QTE, hits_QTE)])
-  delta = delta.astype(np.float64) - only_QTE.sum(1, dtype=np.float64)[:, :, None]
+  delta = np.stack([z.T @ h + o.T @ h for z, o, h in zip(zero_YTE, only_YTE, hits_YTE)])
+  delta = delta.astype(np.float64) - only_YTE.sum(1, dtype=np.float64)[:, :, None]
   same = unit_E[:, None] == unit_E[None, :]
   delta[:, same] = 0.0
-  return _Tier(np.where(valid_QU, loads, 0.0), valid_QU, delta, unit_E)
+  return _Tier(np.where(valid_YU, loads, 0.0), valid_YU, delta, unit_E)
 
 
-def _tiers(hits_ME, shape: MeshShape, tokens: int):
-  num_experts = hits_ME.shape[1]
+def _tiers(hits_TE, shape: MeshShape, tokens: int):
+  num_experts = hits_TE.shape[1]
   slot_device = np.arange(num_experts) // (num_experts // shape.devices)
   source_node = np.arange(shape.devices) // shape.local
-  hits = np.asarray(hits_ME, np.float32)
+  hits = np.asarray(hits_TE, np.float32)
   # Stage 1 rows: source device. Stage 2 rows: source local index (over all nodes).
   by_source = hits.reshape(shape.devices, tokens, num_experts)
   by_local = np.swapaxes(hits.reshape(shape.nodes, shape.local, tokens, num_experts), 0, 1)
@@ -181,12 +181,12 @@ def _tiers(hits_ME, shape: MeshShape, tokens: int):
 
 def _power_sums(tier: _Tier, g: float, scale: float):
   """(sum x^g over all entries, per unit, per pair after the swap), x scaled."""
-  x_QU = tier.loads_QU / scale
-  col_U = np.sum(np.where(tier.valid_QU, x_QU, 0.0) ** g, axis=0)
+  x_YU = tier.loads_YU / scale
+  col_U = np.sum(np.where(tier.valid_YU, x_YU, 0.0) ** g, axis=0)
   unit_E = tier.unit_E
-  new_QEE = (tier.loads_QU[:, unit_E][:, :, None] + tier.delta_QEE) / scale
-  new_QEE = np.where(tier.valid_QU[:, unit_E][:, :, None], np.maximum(new_QEE, 0.0), 0.0)
-  new_col_EE = np.sum(new_QEE ** g, axis=0)  # [r, c]: new sum over unit(r)'s column
+  new_YEE = (tier.loads_YU[:, unit_E][:, :, None] + tier.delta_YEE) / scale
+  new_YEE = np.where(tier.valid_YU[:, unit_E][:, :, None], np.maximum(new_YEE, 0.0), 0.0)
+  new_col_EE = np.sum(new_YEE ** g, axis=0)  # [r, c]: new sum over unit(r)'s column
   total = col_U.sum()
   pair = (total - col_U[unit_E][:, None] - col_U[unit_E][None, :]
           + new_col_EE + new_col_EE.T)
@@ -206,19 +206,19 @@ def _stage_time(kind: str, smax, config: SearchConfig, shape: MeshShape):
                                 config.bytes_per_elem)
 
 
-def _objectives(hits_ME, shape: MeshShape, tokens: int, config: SearchConfig):
+def _objectives(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig):
   """(time now, time after swapping slots r and c [E, E]) in ms."""
   g = config.smooth_g
   now, after = 0.0, 0.0
-  for kind, tier in zip(("inter", "intra"), _tiers(hits_ME, shape, tokens)):
-    scale = max(float(tier.loads_QU.max(initial=0.0)), 1.0)
+  for kind, tier in zip(("inter", "intra"), _tiers(hits_TE, shape, tokens)):
+    scale = max(float(tier.loads_YU.max(initial=0.0)), 1.0)
     total, pair = _power_sums(tier, g, scale)
     now = now + _stage_time(kind, scale * total ** (1 / g), config, shape)
     after = after + _stage_time(kind, scale * pair ** (1 / g), config, shape)
   if config.compute_ms_per_pair:
-    num_experts = hits_ME.shape[1]
+    num_experts = hits_TE.shape[1]
     per_device = num_experts // shape.devices
-    n_E = hits_ME.sum(0, dtype=np.float64)
+    n_E = hits_TE.sum(0, dtype=np.float64)
     w_U = n_E.reshape(shape.devices, per_device).sum(1)
     unit_E = np.arange(num_experts) // per_device
     diff = n_E[None, :] - n_E[:, None]  # [r, c]: unit(r) gains n_c - n_r
@@ -243,7 +243,7 @@ def stage_loads(topk_ids, placement, mesh_shape):
   placement = _placement(placement, np.asarray(topk_ids), shape)
   hits = _hits(topk_ids, placement, shape)
   inter, intra = _tiers(hits, shape, np.asarray(topk_ids).shape[1])
-  return inter.loads_QU.astype(np.int64), intra.loads_QU.astype(np.int64)
+  return inter.loads_YU.astype(np.int64), intra.loads_YU.astype(np.int64)
 
 
 def swapped_loads(topk_ids, placement, mesh_shape, i: int, j: int):
@@ -253,11 +253,11 @@ def swapped_loads(topk_ids, placement, mesh_shape, i: int, j: int):
   hits = _hits(topk_ids, placement, shape)
   out = []
   for tier in _tiers(hits, shape, np.asarray(topk_ids).shape[1]):
-    loads = tier.loads_QU.copy()
+    loads = tier.loads_YU.copy()
     ui, uj = tier.unit_E[i], tier.unit_E[j]
     if ui != uj:
-      loads[:, ui] += np.where(tier.valid_QU[:, ui], tier.delta_QEE[:, i, j], 0.0)
-      loads[:, uj] += np.where(tier.valid_QU[:, uj], tier.delta_QEE[:, j, i], 0.0)
+      loads[:, ui] += np.where(tier.valid_YU[:, ui], tier.delta_YEE[:, i, j], 0.0)
+      loads[:, uj] += np.where(tier.valid_YU[:, uj], tier.delta_YEE[:, j, i], 0.0)
     out.append(loads.astype(np.int64))
   return tuple(out)
 
