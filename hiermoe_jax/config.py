@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from hiermoe_jax.dispatch import registry
+from hiermoe_jax.dispatch import registry, wire
 from hiermoe_jax.errors import ConfigError, check_bool, check_choice, check_int, check_real
 from hiermoe_jax.errors import is_finite_real, is_int  # noqa: F401  (re-exported)
 from hiermoe_jax.mesh import AXES, check_expert_axes
@@ -80,6 +80,9 @@ class MoEConfig:
   batch_axes: tuple[str, ...] | None = None
   # A mesh axis that splits each expert's FFN width (expert tensor parallelism).
   tensor_axis: str | None = None
+  # Dtype of the dispatched rows on the wire (None: the activation dtype); combine
+  # then travels in bfloat16 or the activation dtype, if narrower (dispatch/wire.py).
+  comm_dtype: str | None = None
 
   def __post_init__(self):
     # Normalise dtypes given as jnp dtypes to their names (keeps the config hashable).
@@ -138,6 +141,11 @@ class MoEConfig:
     check_choice(f("expert_compute"), self.expert_compute, EXPERT_COMPUTE)
     check_choice(f("permute_impl"), self.permute_impl, PERMUTE_IMPLS)
     check_choice(f("all_to_all"), self.all_to_all, ALL_TO_ALL_IMPLS)
+    if self.comm_dtype is not None:
+      check_choice(f("comm_dtype"), self.comm_dtype, (None,) + wire.WIRE_DTYPES)
+    if self.comm_dtype == wire.FP8 and self.all_to_all == "ragged":
+      _fail("comm_dtype", self.comm_dtype, "an fp8 wire needs all_to_all='padded' "
+            "(its scales travel in the padded buffer); use 'bfloat16' with 'ragged'")
     try:
       object.__setattr__(self, "expert_axes", check_expert_axes(self.expert_axes))
     except ConfigError as e:

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from hiermoe_jax import cost
 from hiermoe_jax import routing as routing_lib
 from hiermoe_jax.config import ConfigError, MoEConfig
-from hiermoe_jax.dispatch import auto, exchange, registry
+from hiermoe_jax.dispatch import auto, exchange, registry, wire
 from hiermoe_jax.dispatch.base import Strategy, traffic_classes
 from hiermoe_jax.dispatch.capacity import capacities
 from hiermoe_jax.experts import local_experts, shared_experts
@@ -48,6 +48,8 @@ class MoEAux:
   dropped: jax.Array  # (token, expert) pairs dropped at any stage
   dropped_by_stage: dict[str, jax.Array]  # per hop tier and "expert"
   rows: dict[str, jax.Array]  # {"inter", "intra"} rows sent, summed over devices
+  # {"inter", "intra"} bytes of those rows on the wire, dispatch + combine, by wire dtype
+  wire_bytes: dict[str, jax.Array]
   max_rows_per_peer: dict[str, jax.Array]  # {"inter", "intra"} max over (device, peer)
   dedup_rate: dict[str, jax.Array]  # {"node", "device"} copies removed by dedup
   strategy_index: jax.Array  # index into dispatch.names() of the strategy that ran
@@ -144,6 +146,14 @@ def _device_step(x_TD, slots_TK, w_TK, expert_params, *, dispatch, caps, layout,
   return y_TD, reduced + (index, predicted)
 
 
+def _wire_bytes_per_elem(config: MoEConfig) -> float:
+  """Bytes per row element over a dispatch + combine round trip, averaged (the cost
+  model prices both directions alike)."""
+  dispatch = wire.bytes_per_row(config.d_model, config.dtype, config.comm_dtype)
+  back = wire.combine_dtype(config.dtype, config.comm_dtype).itemsize * config.d_model
+  return (dispatch + back) / (2 * config.d_model)
+
+
 def load_profile(config: MoEConfig) -> cost.CostProfile | None:
   """`auto`'s cost profile (None for a fixed strategy); a bad one names the field."""
   if config.dispatch != "auto":
@@ -194,13 +204,13 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
                            capacity_factor=config.capacity_factor, dropless=config.dropless)
           for name in names}
   layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute,
-                           ragged=_use_ragged(config, mesh))
+                           ragged=_use_ragged(config, mesh), comm_dtype=config.comm_dtype)
   rows_spec = shape.rows(2)
   expert_specs = param_specs(config)["experts"]
   step = jax.shard_map(
       functools.partial(_device_step, dispatch=config.dispatch, caps=caps, layout=layout,
                         profile=profile, top_k=config.top_k,
-                        bytes_per_elem=jnp.dtype(config.dtype).itemsize),
+                        bytes_per_elem=_wire_bytes_per_elem(config)),
       mesh=mesh,
       in_specs=(rows_spec, rows_spec, rows_spec, expert_specs),
       out_specs=(rows_spec, jax.sharding.PartitionSpec()),
@@ -228,6 +238,8 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
       dropped=sum(dropped.values()),
       dropped_by_stage=dropped,
       rows=rows,
+      wire_bytes={k: v.astype(jnp.float32) * 2 * config.d_model * _wire_bytes_per_elem(config)
+                  for k, v in rows.items()},
       max_rows_per_peer=peak,
       dedup_rate={
           "node": dedup_rates(slots_TK, experts_per_group=config.num_experts // shape.nodes),

@@ -22,11 +22,13 @@ sender's unpermute only adds the returned vectors back into its rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from hiermoe_jax.dispatch import wire
 from hiermoe_jax.dispatch.assign import assign, entry_targets_IMP
 from hiermoe_jax.dispatch.base import Strategy, peer_along, tier_peers
 from hiermoe_jax.mesh import MeshShape
@@ -41,6 +43,7 @@ class Layout:
   permute_impl: str = "xla"
   expert_compute: str = "einsum"
   ragged: bool = False  # send only filled rows with jax.lax.ragged_all_to_all (GPU/TPU)
+  comm_dtype: str | None = None  # dispatch rows on the wire (wire.py); None: their dtype
 
   @property
   def experts_per_device(self) -> int:
@@ -63,17 +66,20 @@ class HopPlan(NamedTuple):
   received_P: jax.Array  # rows received from each peer
 
 
+def _all_to_all(buf_SD, axes):
+  """Padded all-to-all of [P*C, ...] blocks over `axes`: every block travels whole.
+  Over no mesh axis (a one-device tier) the buffer is already where it goes."""
+  return jax.lax.all_to_all(buf_SD, axes, 0, 0, tiled=True) if axes else buf_SD
+
+
 def _exchange(buf_SD, send_P, recv_P, axes, peers: int, ragged: bool):
   """All-to-all of [P*C, D] blocks whose first send_P[p] rows of block p are filled.
 
   Padded: every block travels whole. Ragged: only the filled rows travel, into
   the same [P*C, D] receive layout (row q*C + i from peer q), zeros elsewhere.
-  Over no mesh axis (a one-device tier) the buffer is already where it goes.
   """
-  if not axes:
-    return buf_SD
-  if not ragged:
-    return jax.lax.all_to_all(buf_SD, axes, 0, 0, tiled=True)
+  if not ragged or not axes:
+    return _all_to_all(buf_SD, axes)
   capacity = buf_SD.shape[0] // peers
   blocks_P = jnp.arange(peers, dtype=jnp.int32) * capacity
   me = jax.lax.axis_index(axes)
@@ -107,10 +113,14 @@ def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: 
 
   axes = layout.shape.tier_axes(tier)
   # Metadata is small and always padded: empty slots must read as -1, not 0.
-  recv_meta = _exchange(meta, None, None, axes, peers, ragged=False)
-  recv_P = (_exchange(counts_P, None, None, axes, peers, ragged=False) if layout.ragged
-            else counts_P)
-  recv_rows_SD = _exchange(send_rows_SD, counts_P, recv_P, axes, peers, layout.ragged)
+  recv_meta = _all_to_all(meta, axes)
+  recv_P = _all_to_all(counts_P, axes) if layout.ragged else counts_P
+  # The padded exchange closes over no traced value, as the fp8 wire's custom VJP
+  # needs (MoEConfig refuses an fp8 wire with the ragged exchange).
+  move = (functools.partial(_exchange, send_P=counts_P, recv_P=recv_P, axes=axes, peers=peers,
+                            ragged=True) if layout.ragged
+          else functools.partial(_all_to_all, axes=axes))
+  recv_rows_SD = wire.send(send_rows_SD, move, layout.comm_dtype)
   m = slots_IM.shape[1]
   recv_slots_SM = jax.lax.stop_gradient(recv_meta[:, :m]).astype(jnp.int32)
   recv_w_SM = recv_meta[:, m:]
@@ -121,8 +131,9 @@ def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: 
 def _unhop(y_SD, plan: HopPlan, tier: str, layout: Layout):
   """Reverse of `_hop`: send results back and add them into the sender's rows."""
   peers = tier_peers(tier, layout.shape)
-  back_SD = _exchange(y_SD, plan.received_P, plan.sent_P, layout.shape.tier_axes(tier), peers,
-                      layout.ragged)
+  on_wire = wire.combine_dtype(y_SD.dtype, layout.comm_dtype)
+  back_SD = _exchange(y_SD.astype(on_wire), plan.received_P, plan.sent_P,
+                      layout.shape.tier_axes(tier), peers, layout.ragged).astype(y_SD.dtype)
   ones_S = jnp.ones(back_SD.shape[:1], back_SD.dtype)
   return unpermute(back_SD, plan.send_src_S, ones_S, num_tokens=plan.num_rows,
                    impl=layout.permute_impl)
