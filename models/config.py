@@ -142,7 +142,8 @@ class TrainConfig:
         cost.load_profile(self.swap_profile)
       except ConfigError as e:
         fail("train.swap_profile", self.swap_profile, str(e))
-    check_choice("train.on_nan", self.on_nan, ("skip", "stop"))
+    if self.on_nan not in ("skip", "stop"):
+      fail("train.on_nan", self.on_nan, "must be 'skip' or 'stop'")
 
 
 @dataclasses.dataclass(frozen=True)
