@@ -1,7 +1,7 @@
 """The run configuration: frozen, validated dataclasses loaded from YAML.
 
     model: ModelConfig    transformer shape (the MoE block's d_model comes from here)
-    moe:   MoEConfig      every hiermoe_jax.MoEConfig field except d_model
+    moe:   MoEConfig      every hiermoe_jax.MoEConfig field except the ones the trainer sets
     train: TrainConfig    optimisation, schedule, evaluation, checkpoints
     data:  DataConfig     corpus and held-out split
     mesh:  MeshConfig     ("node", "local") shape; defaults to processes x local devices
@@ -22,12 +22,19 @@ from typing import Any, Mapping
 
 import yaml
 
+from hiermoe_jax import moe as moe_lib
 from hiermoe_jax.config import DTYPES, SEED_LIMIT, MoEConfig
 # ConfigError is the library's bad-input error, re-exported: scripts catch one class.
 from hiermoe_jax.errors import (ConfigError, check_bool, check_choice, check_int, check_real,
                                 fail, is_finite_real, is_int)
+from hiermoe_jax.mesh import AXES
 
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+# MoEConfig fields the trainer sets, not the moe section (with why, for the error): the
+# width, and the mesh-axes fields (MoEConfig's defaults name the axes of the trainer's mesh).
+MOE_SET_BY_TRAINER = {"d_model": "it is set by model.d_model", **{
+    name: f"the trainer's mesh has axes {AXES}" for name in
+    ("expert_axes", "batch_axes", "tensor_axis")}}
 
 
 def _check_fields(check, section: str, obj, names, *args, **kwargs) -> None:
@@ -184,9 +191,17 @@ class Config:
   data: DataConfig
   mesh: MeshConfig
 
+  def __post_init__(self):
+    # MoEConfig reads no file; load auto's cost profile now, not when the step is traced.
+    try:
+      moe_lib.load_profile(self.moe)
+    except ConfigError as e:
+      raise as_run_keys(e) from None
+
   def to_dict(self) -> dict:
     out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-    out["moe"].pop("d_model")
+    for name in MOE_SET_BY_TRAINER:
+      out["moe"].pop(name, None)
     return out
 
 
@@ -241,11 +256,12 @@ def _build_section(name: str, values: Mapping[str, Any], extra: Mapping[str, Any
   hints = typing.get_type_hints(cls)
   fields = {f.name for f in dataclasses.fields(cls)}
   if name == "moe":
-    fields.discard("d_model")  # set from model.d_model
+    fields -= set(MOE_SET_BY_TRAINER)
   kwargs = {}
   for key, value in values.items():
     if key not in fields:
-      hint = " (it is set by model.d_model)" if (name, key) == ("moe", "d_model") else ""
+      why = MOE_SET_BY_TRAINER.get(key) if name == "moe" else None
+      hint = f" ({why})" if why else ""
       raise ConfigError(f"unknown config key {name}.{key}{hint}; valid keys in '{name}': "
                         f"{', '.join(sorted(fields))}")
     kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])

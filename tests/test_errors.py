@@ -14,6 +14,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import hiermoe_jax as hm
@@ -47,7 +49,8 @@ MOE_CASES = [
     ("param_dtype", "float64"), ("load_balance_weight", -1.0),
     ("load_balance_weight", math.nan), ("z_loss_weight", math.inf),
     ("bias_update_rate", -0.1), ("bias_update_rate", 0.01), ("expert_compute", "loop"),
-    ("permute_impl", "cuda"), ("all_to_all", "nccl"),
+    ("permute_impl", "cuda"), ("all_to_all", "nccl"), ("expert_axes", ("node", "node")),
+    ("batch_axes", ("node",)), ("tensor_axis", "local"),
 ]
 
 
@@ -63,9 +66,13 @@ def test_every_moe_config_field_has_an_invalid_case():
 
 
 @pytest.mark.parametrize("profile", ["missing", "/nonexistent/profile.json"])
-def test_auto_dispatch_checks_its_cost_profile_at_construction(profile):
-  with pytest.raises(ConfigError) as e:  # not later, inside jit tracing of moe_apply
-    hm.MoEConfig(**BASE, dispatch="auto", cost_profile=profile)
+def test_auto_dispatch_checks_its_cost_profile_before_tracing(profile):
+  """The config reads no file: moe_apply loads the profile, outside jit tracing."""
+  config = hm.MoEConfig(**BASE, dispatch="auto", cost_profile=profile)
+  mesh = hm.make_mesh(1, 1, devices=jax.devices()[:1])
+  params = hm.init_params(jax.random.key(0), config, mesh)
+  with pytest.raises(ConfigError) as e:
+    hm.moe_apply(params, jnp.zeros((4, BASE["d_model"])), config=config, mesh=mesh)
   assert_one_line(str(e.value), f"MoEConfig.cost_profile={profile!r} is invalid")
   assert hm.MoEConfig(**BASE, cost_profile=profile).cost_profile == profile  # unused: kept
 
@@ -95,7 +102,8 @@ RUN_CASES = {
     "model": {"vocab_size": "0", "d_model": "-1", "n_layers": "0", "n_heads": "0",
               "n_kv_heads": "3", "head_dim": "7", "d_ff": "0", "first_k_dense": "9",
               "qk_norm": "maybe", "rope_theta": "inf", "norm_eps": "0",
-              "tie_embeddings": "2", "dtype": "int8", "param_dtype": "float64"},
+              "tie_embeddings": "2", "dtype": "int8", "param_dtype": "float64",
+              "attention": "flash", "remat": "some", "scan_layers": "maybe"},
     "moe": {"d_ff": "0", "num_experts": "x", "top_k": "99", "router": "topk",
             "norm_topk_prob": "maybe", "n_group": "3", "topk_group": "0",
             "routed_scaling_factor": "nan", "n_shared_experts": "-1", "shared_d_ff": "0",
@@ -127,7 +135,8 @@ def test_run_config_key_error_is_one_line(key, value):
 
 def test_every_run_config_key_has_an_invalid_case():
   for section, cls in run_config.SECTIONS.items():
-    names = {f.name for f in dataclasses.fields(cls)} - ({"d_model"} if section == "moe" else set())
+    names = {f.name for f in dataclasses.fields(cls)} - (
+        set(run_config.MOE_SET_BY_TRAINER) if section == "moe" else set())
     assert names == set(RUN_CASES[section]), section
 
 
