@@ -83,6 +83,9 @@ class MoEConfig:
   # Dtype of the dispatched rows on the wire (None: the activation dtype); combine
   # then travels in bfloat16 or the activation dtype, if narrower (dispatch/wire.py).
   comm_dtype: str | None = None
+  # Independent token chunks per device, so one chunk's all-to-alls may overlap
+  # another's expert compute (buffers are sized per chunk).
+  overlap_chunks: int = 1
 
   def __post_init__(self):
     # Normalise dtypes given as jnp dtypes to their names (keeps the config hashable).
@@ -97,7 +100,8 @@ class MoEConfig:
       object.__setattr__(self, name, canonical)
 
     f = lambda name: f"MoEConfig.{name}"  # noqa: E731
-    for name in ("d_model", "d_ff", "num_experts", "top_k", "n_group", "topk_group"):
+    for name in ("d_model", "d_ff", "num_experts", "top_k", "n_group", "topk_group",
+                 "overlap_chunks"):
       check_int(f(name), getattr(self, name))
     for name in ("norm_topk_prob", "shared_gate", "dropless"):
       check_bool(f(name), getattr(self, name))

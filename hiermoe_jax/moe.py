@@ -111,30 +111,43 @@ def _use_ragged(config: MoEConfig, mesh: Mesh) -> bool:
   return True
 
 
-def _device_moe(strategy: Strategy, x_TD, slots_TK, w_TK, expert_params, *, caps, layout):
-  """One strategy on this device: dispatch -> local experts -> combine.
+def _device_moe(strategy: Strategy, x_TD, slots_TK, w_TK, expert_params, *, caps, layout,
+                chunks: int):
+  """One strategy on this device: dispatch -> local experts -> combine, on `chunks`
+  independent slices of the tokens (MoEConfig.overlap_chunks): nothing orders one
+  chunk's all-to-alls after another's expert compute, so XLA's scheduler may run
+  them concurrently.
 
   Returns y and its statistics, reduced over the devices: (dropped per stage,
   rows per link class, peak rows per peer per link class).
   """
   cap = caps[strategy.name]
-  rows_RD, slots_RM, w_RM, handle = exchange.dispatch(x_TD, slots_TK, w_TK, strategy,
-                                                      capacities=cap.hops, layout=layout)
-  with jax.named_scope("experts"):
-    y_RD, expert_dropped = local_experts(rows_RD, slots_RM, w_RM, expert_params,
-                                         capacity=cap.expert, layout=layout)
-  y_TD = exchange.combine(y_RD, handle)
-  rows, peak = _traffic(handle.stats, strategy.tiers, layout.shape)
-  dropped = {tier: s.dropped_pairs for tier, s in zip(strategy.tiers, handle.stats)}
-  dropped["expert"] = expert_dropped
+  per_chunk = x_TD.shape[0] // chunks
+  ys, dropped, rows, peak = [], [], [], []
+  for c in range(chunks):
+    part = slice(c * per_chunk, (c + 1) * per_chunk)
+    rows_RD, slots_RM, w_RM, handle = exchange.dispatch(
+        x_TD[part], slots_TK[part], w_TK[part], strategy, capacities=cap.hops, layout=layout)
+    with jax.named_scope("experts"):
+      y_RD, expert_dropped = local_experts(rows_RD, slots_RM, w_RM, expert_params,
+                                           capacity=cap.expert, layout=layout)
+    ys.append(exchange.combine(y_RD, handle))
+    chunk_rows, chunk_peak = _traffic(handle.stats, strategy.tiers, layout.shape)
+    rows.append(chunk_rows)
+    peak.append(chunk_peak)
+    dropped.append({tier: s.dropped_pairs for tier, s in zip(strategy.tiers, handle.stats)}
+                   | {"expert": expert_dropped})
+  total = lambda parts, op: jax.tree.map(lambda *v: functools.reduce(op, v), *parts)  # noqa: E731
   axes = layout.shape.token_axes  # every group of the hierarchy counts its own tokens
-  return y_TD, (jax.lax.psum(dropped, axes), jax.lax.psum(rows, axes), jax.lax.pmax(peak, axes))
+  return jnp.concatenate(ys), (jax.lax.psum(total(dropped, jnp.add), axes),
+                               jax.lax.psum(total(rows, jnp.add), axes),
+                               jax.lax.pmax(total(peak, jnp.maximum), axes))
 
 
 def _device_step(x_TD, slots_TK, w_TK, expert_params, *, dispatch, caps, layout, profile,
-                 top_k, bytes_per_elem):
+                 top_k, bytes_per_elem, chunks):
   """Per device: run `dispatch`, or for "auto" the candidate it prices cheapest."""
-  body = functools.partial(_device_moe, caps=caps, layout=layout)
+  body = functools.partial(_device_moe, caps=caps, layout=layout, chunks=chunks)
   operands = (x_TD, slots_TK, w_TK, expert_params)
   if dispatch != "auto":
     y_TD, reduced = body(registry.get_strategy(dispatch), *operands)
@@ -199,7 +212,8 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
 
   names = (auto.candidates(shape, config.top_k) if config.dispatch == "auto"
            else (config.dispatch,))
-  caps = {name: capacities(registry.get_strategy(name), tokens=tokens_per_device,
+  caps = {name: capacities(registry.get_strategy(name),
+                           tokens=tokens_per_device // config.overlap_chunks,
                            top_k=config.top_k, num_experts=config.num_experts, shape=shape,
                            capacity_factor=config.capacity_factor, dropless=config.dropless)
           for name in names}
@@ -210,7 +224,8 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
   step = jax.shard_map(
       functools.partial(_device_step, dispatch=config.dispatch, caps=caps, layout=layout,
                         profile=profile, top_k=config.top_k,
-                        bytes_per_elem=_wire_bytes_per_elem(config)),
+                        bytes_per_elem=_wire_bytes_per_elem(config),
+                        chunks=config.overlap_chunks),
       mesh=mesh,
       in_specs=(rows_spec, rows_spec, rows_spec, expert_specs),
       out_specs=(rows_spec, jax.sharding.PartitionSpec()),

@@ -49,6 +49,10 @@ def validate_tokens(num_tokens: int, d_model_in: int, config: MoEConfig, shape: 
   if num_tokens % splits:
     raise ValueError(f"moe_apply: x has {num_tokens} tokens, which the {splits} devices "
                      f"of the mesh cannot split evenly; use a multiple of {splits}")
+  if num_tokens // splits % config.overlap_chunks:
+    raise ValueError(f"moe_apply: x has {num_tokens // splits} tokens per device, which "
+                     f"MoEConfig.overlap_chunks={config.overlap_chunks} cannot split evenly; use "
+                     f"a multiple of {splits * config.overlap_chunks} tokens")
 
 
 def check_placement(placement, num_experts: int | None = None, name: str = "placement"):
