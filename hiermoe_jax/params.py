@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from hiermoe_jax import mesh as mesh_lib
@@ -96,3 +97,66 @@ def init_router_bias(config: MoEConfig) -> jax.Array:
 def identity_placement(config: MoEConfig) -> jax.Array:
   """placement[slot] = logical expert held in that physical slot."""
   return jnp.arange(config.num_experts, dtype=jnp.int32)
+
+
+# What each dimension of a leaf is, for error messages.
+_DIMS = {
+    ("router", "kernel"): "[d_model, num_experts]",
+    ("experts", "gate"): "[num_experts, d_model, d_ff]",
+    ("experts", "up"): "[num_experts, d_model, d_ff]",
+    ("experts", "down"): "[num_experts, d_ff, d_model]",
+    ("shared", "gate"): "[d_model, n_shared_experts * shared_d_ff]",
+    ("shared", "up"): "[d_model, n_shared_experts * shared_d_ff]",
+    ("shared", "down"): "[n_shared_experts * shared_d_ff, d_model]",
+    ("shared_gate", "kernel"): "[d_model, 1]",
+}
+# The config fields that make an optional group present.
+_NEEDS = {"shared": "n_shared_experts >= 1", "shared_gate": "shared_gate=True"}
+
+
+def _sizes(config: MoEConfig) -> str:
+  return (f"MoEConfig(d_model={config.d_model}, d_ff={config.d_ff}, "
+          f"num_experts={config.num_experts}, shared width={config.shared_width})")
+
+
+def check_params(params, config: MoEConfig, name: str = "params") -> None:
+  """Params match `param_shapes(config)`: the same entries, each of its shape.
+
+  Params built for another config (another d_ff, expert count, shared experts)
+  would otherwise fail deep inside the block with an XLA shape error, or not at
+  all. Shapes are static, so this also runs under jit.
+  """
+  if not hasattr(params, "keys"):
+    raise TypeError(f"{name} is a {type(params).__name__}; expected a dict of arrays as "
+                    "init_params or convert.from_hf return")
+  expected = param_shapes(config)
+  for group in params.keys():
+    if group not in expected:
+      why = f" (set {_NEEDS[group]})" if group in _NEEDS else ""
+      raise ValueError(f"{name} has an entry {group!r} that {_sizes(config)} does not "
+                       f"use{why}; expected entries {sorted(expected)}")
+  for group, leaves in expected.items():
+    if group not in params:
+      why = f" ({_NEEDS[group]})" if group in _NEEDS else ""
+      raise ValueError(f"{name} has no entry {group!r}, which this MoEConfig needs{why}")
+    if not hasattr(params[group], "keys") or set(params[group].keys()) != set(leaves):
+      got = sorted(params[group].keys()) if hasattr(params[group], "keys") else params[group]
+      raise ValueError(f"{name}[{group!r}] has entries {got!r}; expected {sorted(leaves)}")
+    for leaf, shape in leaves.items():
+      actual = tuple(jnp.shape(params[group][leaf]))
+      if actual != shape:
+        raise ValueError(f"{name}[{group!r}][{leaf!r}] has shape {actual}, expected {shape} = "
+                         f"{_DIMS[group, leaf]} for {_sizes(config)}")
+
+
+def check_router_bias(router_bias, config: MoEConfig, name: str = "router_bias") -> None:
+  """None, or a real array [num_experts] (logical order; a list too). Runs under jit."""
+  if router_bias is None:
+    return
+  shape = tuple(jnp.shape(router_bias))
+  dtype = router_bias.dtype if hasattr(router_bias, "dtype") else np.asarray(router_bias).dtype
+  real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+  if shape != (config.num_experts,) or not real:
+    raise ValueError(f"{name} has shape {shape} and dtype {dtype}, expected shape "
+                     f"({config.num_experts},) = [num_experts] and a real dtype (the "
+                     "DeepSeek-V3 selection bias, logical expert order)")

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -114,3 +115,87 @@ def test_nnx_router_bias_update():
   counts = jnp.arange(16)
   layer.update_router_bias(counts)
   np.testing.assert_allclose(layer.router_bias[...], 0.5 * np.sign(7.5 - np.arange(16)))
+
+
+DEEPSEEK = hm.MoEConfig(d_model=16, d_ff=24, num_experts=16, top_k=2, router="sigmoid_grouped",
+                        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        n_shared_experts=1, dispatch="hier_dedup", dropless=True)
+
+
+def _to_hf(params, bias, prefix="model.layers.2.mlp."):
+  """The inverse of convert.from_hf: a DeepSeek-V3 block's per-expert torch-layout keys."""
+  p = jax.tree.map(np.asarray, params)
+  sd = {f"{prefix}gate.weight": p["router"]["kernel"].T,
+        f"{prefix}gate.e_score_correction_bias": np.asarray(bias)}
+  for i in range(p["experts"]["gate"].shape[0]):
+    for ours, hf in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+      sd[f"{prefix}experts.{i}.{hf}.weight"] = p["experts"][ours][i].T
+  for ours, hf in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+    sd[f"{prefix}shared_experts.{hf}.weight"] = p["shared"][ours].T
+  return sd
+
+
+def _hf_weights(mesh):
+  params = hm.params.init_params_unsharded(jax.random.key(5), DEEPSEEK)
+  bias = 0.1 * jax.random.normal(jax.random.key(6), (DEEPSEEK.num_experts,))
+  x = jax.random.normal(jax.random.key(7), (32, 16))
+  y, _ = hm.moe_apply(params, x, config=DEEPSEEK, mesh=mesh, router_bias=bias)
+  return _to_hf(params, bias), params, bias, x, y
+
+
+def _assert_on_mesh(tree, mesh):
+  for leaf in jax.tree.leaves(tree):
+    assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
+
+
+def test_nnx_load_hf_sharded_on_the_layer_mesh():
+  mesh = mesh_of("2x4")
+  sd, params, bias, x, y = _hf_weights(mesh)
+  layer = hm.MoE(DEEPSEEK, mesh=mesh, rngs=nnx.Rngs(0))
+  layer.placement[...] = jnp.arange(16)[::-1]  # loading resets it to the checkpoint's order
+  layer.load_hf(sd, prefix="model.layers.2.mlp.")
+  assert_trees_close(layer(x), y)
+  np.testing.assert_array_equal(layer.router_bias[...], bias)
+  np.testing.assert_array_equal(layer.placement[...], np.arange(16))
+  _assert_on_mesh(nnx.state(layer), mesh)
+  assert layer.params["experts"]["up"][...].sharding.spec == EXPERT_SPEC
+  with pytest.raises(hm.config.ConfigError, match=r"missing key 'gate.weight'.*pass "
+                     r"prefix='model.layers.2.mlp.'"):
+    layer.load_hf(sd)
+
+
+def test_linen_load_hf_own_and_inside_a_model():
+  mesh = mesh_of("2x4")
+  sd, params, bias, x, y = _hf_weights(mesh)
+  layer = hm.linen.MoE(DEEPSEEK, mesh)
+  variables = hm.linen.load_hf(layer, sd, prefix="model.layers.2.mlp.")
+  assert jax.tree.structure(variables) == jax.tree.structure(layer.init(jax.random.key(0), x))
+  assert nn.get_partition_spec(variables)["params"]["experts/gate"] == EXPERT_SPEC
+  _assert_on_mesh(variables, mesh)
+  assert_trees_close(layer.apply(variables, x), y)
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return hm.linen.MoE(DEEPSEEK, mesh, name="moe")(nn.Dense(16, name="embed")(x))
+
+  model = Model()
+  whole = model.init(jax.random.key(0), x)
+  loaded = hm.linen.load_hf(layer, sd, prefix="model.layers.2.mlp.", variables=whole,
+                            path="moe")
+  assert jax.tree.structure(loaded) == jax.tree.structure(whole)
+  h = nn.Dense(16).apply({"params": whole["params"]["embed"]}, x)
+  assert_trees_close(model.apply(loaded, x), hm.moe_apply(params, h, config=DEEPSEEK, mesh=mesh,
+                                                          router_bias=bias)[0])
+
+
+def test_shell_errors():
+  mesh = mesh_of("2x4")
+  odd = hm.MoEConfig(d_model=16, d_ff=24, num_experts=4, top_k=2)
+  message = r"MoEConfig.num_experts=4 is invalid: must be a multiple of the 8 devices"
+  with pytest.raises(hm.config.ConfigError, match=message):
+    hm.MoE(odd, mesh=mesh, rngs=nnx.Rngs(0))
+  with pytest.raises(hm.config.ConfigError, match=message):
+    hm.linen.MoE(odd, mesh).init(jax.random.key(0), jnp.ones((8, 16)))
+  with pytest.raises(TypeError, match=r"load_hf: module is a MoE; expected a hiermoe_jax.linen"):
+    hm.linen.load_hf(hm.MoE(CONFIG, mesh=mesh, rngs=nnx.Rngs(0)), {})
