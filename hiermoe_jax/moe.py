@@ -126,12 +126,13 @@ def _device_moe(strategy: Strategy, x_TD, slots_TK, w_TK, expert_params, *, caps
   ys, dropped, rows, peak = [], [], [], []
   for c in range(chunks):
     part = slice(c * per_chunk, (c + 1) * per_chunk)
-    rows_RD, slots_RM, w_RM, handle = exchange.dispatch(
-        x_TD[part], slots_TK[part], w_TK[part], strategy, capacities=cap.hops, layout=layout)
-    with jax.named_scope("experts"):
-      y_RD, expert_dropped = local_experts(rows_RD, slots_RM, w_RM, expert_params,
-                                           capacity=cap.expert, layout=layout)
-    ys.append(exchange.combine(y_RD, handle))
+    with jax.named_scope(f"chunk{c}" if chunks > 1 else ""):
+      rows_RD, slots_RM, w_RM, handle = exchange.dispatch(
+          x_TD[part], slots_TK[part], w_TK[part], strategy, capacities=cap.hops, layout=layout)
+      with jax.named_scope("experts"):
+        y_RD, expert_dropped = local_experts(rows_RD, slots_RM, w_RM, expert_params,
+                                             capacity=cap.expert, layout=layout)
+      ys.append(exchange.combine(y_RD, handle))
     chunk_rows, chunk_peak = _traffic(handle.stats, strategy.tiers, layout.shape)
     rows.append(chunk_rows)
     peak.append(chunk_peak)

@@ -4,6 +4,9 @@ trainer tests share one persistent compilation cache (`cache_dir`)."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# CPU devices only: with the CUDA plugin installed (the gpu-aot extra) and no local
+# CUDA, JAX registers the plugin for compile-only devices only when cuda is excluded.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
@@ -18,3 +21,18 @@ def cache_dir(tmp_path_factory):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   yield path
   jax.config.update("jax_compilation_cache_dir", None)
+
+
+# Deprecations are errors when our code triggers them, so the code stays ready for the
+# next JAX releases (which remove what the current one deprecates). A warning's module
+# is where `stacklevel` attributes it: JAX's own deprecation warnings (module-level
+# `_deprecations`, `jax._src.deprecations.warn`) point at the caller, i.e. at the
+# modules below, or inside jax itself. Third-party code that calls a deprecated API
+# (flax, optax, orbax, transformers) is attributed to itself and left alone.
+DEPRECATION_ERROR_MODULES = ("jax", "hiermoe_jax", "models", "pallas_kernels", "scripts",
+                             "test_", "helpers", "bruteforce", "conftest", "mp_worker_")
+
+
+def pytest_configure(config):
+  for module in DEPRECATION_ERROR_MODULES:
+    config.addinivalue_line("filterwarnings", f"error::DeprecationWarning:{module}")

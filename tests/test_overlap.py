@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -41,3 +43,41 @@ def test_chunks_must_split_the_tokens():
   params, x, _, _ = random_inputs(config, mesh, tokens_per_device=8)
   with pytest.raises(ValueError, match="overlap_chunks=3 cannot split evenly"):
     hm.moe_apply(params, x, config=config, mesh=mesh)
+
+
+def _cross_chunk_overlaps(hlo: str) -> set[tuple[str, str]]:
+  """(chunk of an async all-to-all, chunk of an expert matmul scheduled between its
+  start and done) pairs, read from the scheduled entry computation."""
+  lines = hlo[hlo.index("\nENTRY"):].split("\n")
+  starts, pairs = {}, set()
+  for i, line in enumerate(lines):
+    start = re.search(r"%(all-to-all-start[.\d]*) = .*op_name=\"[^\"]*chunk(\d)/", line)
+    if start:
+      starts[start.group(1)] = (i, start.group(2))
+    done = re.search(r"all-to-all-done\(%(all-to-all-start[.\d]*)\)", line)
+    if done and done.group(1) in starts:
+      first, chunk = starts.pop(done.group(1))
+      pairs.update((chunk, m.group(1)) for between in lines[first + 1:i]
+                   if (m := re.search(r"chunk(\d)/experts/expert_compute/[^\"]*dot_general",
+                                      between)))
+  return pairs
+
+
+def test_gpu_program_overlaps_one_chunks_all_to_all_with_anothers_experts():
+  """Compiled for 2 x 8 H200 without a GPU (hiermoe_jax.gpu_aot): XLA's scheduler
+  runs an async all-to-all of one chunk across the expert matmuls of the other."""
+  gpu_aot = pytest.importorskip("hiermoe_jax.gpu_aot")
+  mesh = gpu_aot.mesh("h200", 2, 8)
+  config = hm.MoEConfig(d_model=512, d_ff=512, num_experts=32, top_k=4, dispatch="hier_dedup",
+                        dtype="bfloat16", overlap_chunks=2)
+  spec = lambda shape, p: jax.ShapeDtypeStruct(  # noqa: E731
+      shape, jnp.float32, sharding=jax.sharding.NamedSharding(mesh, p))
+  params = jax.tree.map(spec, hm.params.param_shapes(config), hm.params.param_specs(config),
+                        is_leaf=lambda a: isinstance(a, tuple))
+  x = jax.ShapeDtypeStruct((16 * 512, 512), jnp.bfloat16, sharding=jax.sharding.NamedSharding(
+      mesh, hm.mesh.sharded_rows(2)))
+  loss = lambda p, x: jnp.sum(hm.moe_apply(p, x, config=config, mesh=mesh)[0]  # noqa: E731
+                              .astype(jnp.float32))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+  pairs = _cross_chunk_overlaps(hlo)
+  assert {("0", "1"), ("1", "0")} & pairs, pairs
