@@ -12,6 +12,7 @@ Legend (docs/legend.md): T tokens, K top-k, E experts, D model dim.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -23,10 +24,11 @@ from jax.sharding import Mesh
 
 from hiermoe_jax import cost
 from hiermoe_jax import routing as routing_lib
-from hiermoe_jax.config import ConfigError, MoEConfig
+from hiermoe_jax.config import MoEConfig
 from hiermoe_jax.dispatch import auto, exchange, registry, wire
 from hiermoe_jax.dispatch.base import Strategy, traffic_classes
 from hiermoe_jax.dispatch.capacity import capacities
+from hiermoe_jax.errors import ConfigError
 from hiermoe_jax.experts import local_experts, shared_experts
 from hiermoe_jax.mesh import MeshShape
 from hiermoe_jax.params import param_specs
@@ -126,7 +128,7 @@ def _device_moe(strategy: Strategy, x_TD, slots_TK, w_TK, expert_params, *, caps
   ys, dropped, rows, peak = [], [], [], []
   for c in range(chunks):
     part = slice(c * per_chunk, (c + 1) * per_chunk)
-    with jax.named_scope(f"chunk{c}" if chunks > 1 else ""):
+    with jax.named_scope(f"chunk{c}") if chunks > 1 else contextlib.nullcontext():
       rows_RD, slots_RM, w_RM, handle = exchange.dispatch(
           x_TD[part], slots_TK[part], w_TK[part], strategy, capacities=cap.hops, layout=layout)
       with jax.named_scope("experts"):
