@@ -22,9 +22,11 @@ import pytest
 import hiermoe_jax as hm
 from hiermoe_jax import cost
 from hiermoe_jax.bench import cli
+from hiermoe_jax.bench import kernels as bench_kernels
 from hiermoe_jax.config import ConfigError
 from models import cli as train_cli
 from models import config as run_config
+from models import plot_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -206,14 +208,6 @@ def run_main(main, argv, capsys) -> tuple[int, str]:
   return code, capsys.readouterr().err.strip()
 
 
-def script(name: str):
-  sys.path.insert(0, str(ROOT / "scripts"))
-  try:
-    return __import__(name)
-  finally:
-    sys.path.pop(0)
-
-
 ANALYTIC = ["--analytic", "--experts", "16", "--topk", "2", "--tokens", "64", "--hidden", "8"]
 TIMED = ["--experts", "16", "--topk", "2", "--tokens", "64", "--hidden", "8", "--repeats", "1"]
 
@@ -295,13 +289,13 @@ def test_bench_swap_errors(argv, names, capsys, no_compile):
 ])
 def test_bench_kernels_errors(argv, names, capsys, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  code, err = run_main(script("bench_kernels").main, argv, capsys)
+  code, err = run_main(bench_kernels.main, argv, capsys)
   assert code == 2
   assert_one_line(err, "error: ", *names)
 
 
 def test_plot_metrics_errors(tmp_path, capsys):
-  main = script("plot_metrics").main
+  main = plot_metrics.main
   code, err = run_main(main, [str(tmp_path / "missing")], capsys)
   assert code == 2 and "metrics.jsonl does not exist" in err
   (tmp_path / "metrics.jsonl").write_text("{oops\n")
