@@ -91,7 +91,8 @@ def test_report_groups_identical_collectives(tiny, capsys):
   print(plan_lib.report(plan))
   out = capsys.readouterr().out
   assert "fits" in out and "NVIDIA H200" in out
-  rows = [line for line in out.splitlines() if re.match(r"\s+\d+\s+(ragged-)?all-", line)]
+  kinds = "|".join(gpu_aot.COLLECTIVES)
+  rows = [line for line in out.splitlines() if re.match(rf"\s+\d+\s+({kinds})\s", line)]
   assert len(rows) == len(plan["collective_groups"])
 
 
