@@ -1,12 +1,19 @@
 """`scripts/bench_comm.py`: mesh-level communication benchmark.
 
-`--analytic` replays every strategy on a routing with `hiermoe_jax.traffic` and
-prints rows / bytes per tier without running collectives, so it works for meshes
-far larger than this machine.
+`--strategies` lists variants: a strategy name, or `name:field=value[:field=value]`
+with MoEConfig's `comm_dtype` and `overlap_chunks` (`hiermoe_jax/bench/variants.py`),
+e.g. `flat,hier_dedup,hier_dedup:comm_dtype=bfloat16:overlap_chunks=4`. Results are
+labelled by the full spec (JSON: `strategy`, with `base_strategy` and `fields`).
 
-Without `--analytic` it times dispatch + combine of each strategy on the mesh
-(`hiermoe_jax.bench.timed`): in one process on `--mesh NxG` host devices, or one
-process per node under `scripts/launch.py`. Each result adds "time_ms"
+`--analytic` replays every variant on a routing with `hiermoe_jax.traffic` and
+prints rows / dispatch bytes per link class (bytes in each variant's wire dtype),
+the `--profile` cost model's predicted ms, `auto`'s choice and the hottest
+per-peer link, without running collectives, so it works for meshes far larger than
+this machine.
+
+Without `--analytic` it times dispatch + combine of each variant, interleaved, on
+the mesh (`hiermoe_jax.bench.timed`): in one process on `--mesh NxG` host devices,
+or one process per node under `scripts/launch.py`. Each result adds "time_ms"
 {min, median, max} and "predicted_ms" (the `--profile` cost model on the same
 buffer sizes). `--fit-profile OUT.json` first fits a cost profile on this mesh
 (and then predicts with it).
@@ -23,22 +30,16 @@ import numpy as np
 
 from hiermoe_jax import cost, traffic
 from hiermoe_jax.bench import cli, synthetic
-from hiermoe_jax import config as config_lib
+from hiermoe_jax.bench import variants as variants_lib
+from hiermoe_jax.bench.variants import Variant
 from hiermoe_jax.config import ConfigError
-from hiermoe_jax.dispatch import registry
-from hiermoe_jax.dispatch.base import Strategy
-from hiermoe_jax.dispatch import auto
+from hiermoe_jax.dispatch import auto, registry
 from hiermoe_jax.mesh import MeshShape
 
 BASELINES = ("gspmd",)  # timed mode only: XLA-partitioned dense dispatch
-# gspmd's one all-to-all over all devices, for the cost model (not an engine strategy).
-GSPMD = Strategy("gspmd", tiers=("flat",), dedup=False, auto_candidate=False)
-
-
-def _priced(name: str):
-  """What the cost model prices for a result row: a registered name or GSPMD."""
-  return GSPMD if name == "gspmd" else name
 DEFAULT_MESH = (2, 4)
+DTYPES = ("float32", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,11 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=cli.seed, default=0)
   p.add_argument("--capacity-factor", type=cli.real(0, strict=True), default=None,
                  help="MoEConfig.capacity_factor; omit for dropless buffers")
-  p.add_argument("--bytes-per-elem", type=positive_int, default=4,
-                 help="analytic only; timed mode uses the size of --dtype")
+  p.add_argument("--dtype", choices=DTYPES, default=None,
+                 help="activation dtype: the rows timed, and the bytes per element of "
+                      "the analytic columns (None: float32, or what --bytes-per-elem says)")
+  p.add_argument("--bytes-per-elem", type=positive_int, default=None,
+                 help="older spelling of --dtype: 4 (float32) or 2 (bfloat16); with "
+                      "--dtype they must agree")
   p.add_argument("--strategies", default=",".join(registry.names()),
-                 help=f"any of {list(registry.names())} or auto; timed mode also "
-                      f"{list(BASELINES)}")
+                 help=f"comma-separated variants NAME[:FIELD=VALUE...]: NAME one of "
+                      f"{list(registry.names())} or auto (timed mode also "
+                      f"{list(BASELINES)}); FIELD one of {list(variants_lib.FIELDS)}, e.g. "
+                      "hier_dedup:comm_dtype=bfloat16:overlap_chunks=4")
+  p.add_argument("--profile", default="default",
+                 help="cost profile for predicted_ms and auto: a shipped name or a JSON path")
   p.add_argument("--json", type=cli.output_file, default=None,
                  help="write JSON here ('-' for stdout)")
   timed = p.add_argument_group("timed mode")
@@ -70,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
   timed.add_argument("--warmup", type=cli.integer(0), default=2,
                      help="untimed calls per strategy")
   timed.add_argument("--backward", action="store_true", help="also time the VJP")
-  timed.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  timed.add_argument("--profile", default="default",
-                     help="cost profile for predicted_ms: a shipped name or a JSON path")
   timed.add_argument("--gspmd-group", type=positive_int, default=256,
                      help="gspmd baseline: tokens per dispatch group (GShard's S)")
   timed.add_argument("--fit-profile", type=cli.output_file, default=None, metavar="OUT.json",
@@ -86,6 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
   timed.add_argument("--fit-points", type=cli.integer(2), default=6,
                      help="message sizes per stage kind (a line needs >= 2)")
   return p
+
+
+def resolve_dtype(args) -> None:
+  """Sets args.dtype and args.bytes_per_elem from --dtype and/or --bytes-per-elem."""
+  given = args.bytes_per_elem
+  if given is not None:
+    implied = {n: d for d, n in DTYPE_BYTES.items()}.get(given)
+    if args.dtype is None and implied is None:
+      raise ConfigError(f"--bytes-per-elem={given} is invalid: must be 4 (float32) or 2 "
+                        "(bfloat16); for a narrower wire use a variant, e.g. "
+                        "--strategies hier_dedup:comm_dtype=float8_e4m3fn")
+    if args.dtype is not None and DTYPE_BYTES[args.dtype] != given:
+      raise ConfigError(f"--bytes-per-elem={given} is invalid: --dtype={args.dtype} has "
+                        f"{DTYPE_BYTES[args.dtype]} bytes per element; give one of the two "
+                        "or make them agree")
+    args.dtype = args.dtype or implied
+  args.dtype = args.dtype or "float32"
+  args.bytes_per_elem = DTYPE_BYTES[args.dtype]
+
+
+def variants_of(args) -> list[Variant]:
+  """The parsed --strategies (parsed once, by check_args)."""
+  if getattr(args, "variants", None) is None:
+    args.variants = variants_lib.parse(args.strategies, timed=not args.analytic,
+                                       tokens=args.tokens, d_model=args.hidden,
+                                       num_experts=args.experts, top_k=args.topk)
+  return args.variants
 
 
 def check_routing(p: argparse.ArgumentParser, spec: str, tokens: int, top_k: int) -> None:
@@ -118,94 +151,120 @@ def routing(spec: str, **kwargs):
 def check_args(p: argparse.ArgumentParser, args) -> None:
   cli.check_topk(args.topk, args.experts)
   check_routing(p, args.routing, args.tokens, args.topk)
-  valid = config_lib.DISPATCH if args.analytic else config_lib.DISPATCH + BASELINES
-  names = args.strategies.split(",")
-  bad = [s for s in names if s not in valid]
-  if bad:
-    p.error(f"--strategies={args.strategies!r} is invalid: {bad[0]!r} is not one of "
-            f"{list(valid)}")
-  if len(set(names)) < len(names):
-    p.error(f"--strategies={args.strategies!r} is invalid: each strategy may appear once")
+  resolve_dtype(args)
+  bases = [v.base for v in variants_of(args)]
   if args.analytic and (args.fit_profile or args.backward):
     p.error("--fit-profile and --backward need the timed mode (omit --analytic)")
   if args.fit_only and not args.fit_profile:
     p.error("--fit-only needs --fit-profile OUT.json")
-  if args.tokens % min(args.gspmd_group, args.tokens) and "gspmd" in names:
+  if args.tokens % min(args.gspmd_group, args.tokens) and "gspmd" in bases:
     p.error(f"--gspmd-group={args.gspmd_group} is invalid: must divide --tokens={args.tokens}")
-  uses_profile = "auto" in names if args.analytic else not args.fit_profile
-  if uses_profile:
+  if args.analytic or not args.fit_profile:  # a fitted profile replaces --profile
     cli.check_profile(args.profile)
 
 
-def analytic(args, ids=None) -> dict:
+def analytic(args, ids=None, profile: cost.CostProfile | None = None) -> dict:
+  """Traffic, wire bytes and predicted ms of every variant (and auto's choice)."""
+  resolve_dtype(args)
   nodes, local = args.mesh
+  shape = MeshShape(nodes, local)
   if ids is None:
     ids = routing(args.routing, devices=nodes * local, tokens=args.tokens,
                   num_experts=args.experts, top_k=args.topk, seed=args.seed)
-  names = args.strategies.split(",")
-  strategies = registry.names()
-  known = list(strategies) if "auto" in names else [n for n in names if n in strategies]
-  per = traffic.stats(ids, mesh_shape=(nodes, local), num_experts=args.experts,
-                      d_model=args.hidden, bytes_per_elem=args.bytes_per_elem,
-                      strategies=known or ["flat"], capacity_factor=args.capacity_factor)
-  if "auto" in names:
-    per["auto"] = auto_entry(per, cost.load_profile(args.profile), (nodes, local), args)
-  if "gspmd" in names:  # sends what flat sends (one copy per (token, expert)), padded
-    per["gspmd"] = {**(per.get("flat") or traffic.stats(
-        ids, mesh_shape=(nodes, local), num_experts=args.experts, d_model=args.hidden,
-        bytes_per_elem=args.bytes_per_elem, strategies=["flat"])["flat"]), "strategy": "gspmd"}
-  per = {n: per[n] for n in names}
-  floor = traffic.inter_node_floor(ids, traffic.MeshShape(nodes, local), args.experts)
+  if profile is None:
+    profile = cost.load_profile(args.profile)
+  cache = {}
+
+  def stats(base: str, chunks: int = 1) -> dict:
+    if (base, chunks) not in cache:
+      cache[base, chunks] = variants_lib.chunked_stats(
+          ids, base, chunks, mesh_shape=(nodes, local), num_experts=args.experts,
+          d_model=args.hidden, capacity_factor=args.capacity_factor)
+    return cache[base, chunks]
+
+  def entry(variant: Variant, base: str) -> dict:
+    return variants_lib.variant_entry(stats(base, variant.chunks), variant, d_model=args.hidden,
+                                      dtype=args.dtype, profile=profile, mesh_shape=shape)
+
+  # auto: the candidate the model prices cheapest on this routing (as dispatch/auto.py)
+  candidates = auto.candidates(shape, args.topk)
+  auto_ms = {n: entry(Variant(n, n), n)["predicted_ms"] for n in candidates}
+  choice = min(candidates, key=lambda n: (auto_ms[n], registry.names().index(n)))
+  results = []
+  for v in variants_of(args):
+    if v.base == "auto":
+      r = {**entry(Variant(choice, choice), choice), **v.to_json(), "auto_choice": choice,
+           "auto_predicted_ms": auto_ms}
+    else:  # gspmd sends what flat sends (one copy per (token, expert)), padded
+      r = entry(v, "flat" if v.base == "gspmd" else v.base)
+    results.append(r)
+  flat = stats("flat")
+  floor = traffic.inter_node_floor(ids, shape, args.experts)
   config = {"mesh": f"{nodes}x{local}", "experts": args.experts, "topk": args.topk,
             "tokens": args.tokens, "hidden": args.hidden, "routing": args.routing,
-            "seed": args.seed, "capacity_factor": args.capacity_factor,
-            "bytes_per_elem": args.bytes_per_elem, "inter_node_floor_rows": floor}
-  return {"config": config, "results": list(per.values())}
+            "seed": args.seed, "capacity_factor": args.capacity_factor, "dtype": args.dtype,
+            "bytes_per_elem": args.bytes_per_elem, "profile": args.profile,
+            "inter_node_floor_rows": floor}
+  return {"config": config, "results": results,
+          "flat_baseline": {"rows": flat["rows"], "max_rows_per_peer": flat["max_rows_per_peer"]},
+          "hottest_link": variants_lib.hottest_link(results, flat),
+          "auto": {"choice": choice, "predicted_ms": auto_ms}}
 
 
-def auto_entry(per: dict, profile, mesh_shape, args) -> dict:
-  """What `auto` sends: the traffic of the strategy the cost model picks."""
-  predicted = {n: cost.predict(n, per[n], profile, mesh_shape=mesh_shape, d_model=args.hidden,
-                               bytes_per_elem=args.bytes_per_elem) for n in registry.names()}
-  shape = mesh_shape if isinstance(mesh_shape, MeshShape) else MeshShape(*mesh_shape)
-  names = auto.candidates(shape, args.topk)
-  best = min(names, key=lambda n: (predicted[n], registry.names().index(n)))
-  return {**per[best], "strategy": "auto", "auto_choice": best}
-
-
-def table(report: dict) -> str:
-  results = report["results"]
-  base = next((r for r in results if r["strategy"] == "flat"), results[0])
-  lines = [f"{'strategy':<12}{'inter rows':>12}{'intra rows':>12}{'inter MB':>10}"
-           f"{'intra MB':>10}{'max/peer inter':>15}{'max/peer intra':>15}{'inter vs flat':>14}"
-           f"{'dropped':>9}"]
+def table(report: dict, *, predicted: bool = True) -> str:
+  """Traffic per variant; `predicted`: with the cost model's ms (analytic mode)."""
+  results, cfg = report["results"], report["config"]
+  flat = report["flat_baseline"]
+  w = max(12, *(len(r["strategy"]) for r in results)) + 2
+  pred_head = f"{'pred ms':>10}" if predicted else ""
+  lines = [f"{'':<{w}}{'rows, all devices':>22}{'dispatch MB, all devices':>26}"
+           f"{'max rows/peer':>20}",
+           f"{'strategy':<{w}}{'inter':>11}{'intra':>11}{'inter':>13}{'intra':>13}"
+           f"{'inter':>10}{'intra':>10}{'inter vs flat':>15}{'dropped':>9}{pred_head}"]
   for r in results:
-    ratio = base["rows"]["inter"] / max(r["rows"]["inter"], 1)
-    lines.append(f"{r['strategy']:<12}{r['rows']['inter']:>12}{r['rows']['intra']:>12}"
-                 f"{r['bytes']['inter'] / 1e6:>10.1f}{r['bytes']['intra'] / 1e6:>10.1f}"
-                 f"{r['max_rows_per_peer']['inter']:>15}{r['max_rows_per_peer']['intra']:>15}"
-                 f"{ratio:>13.2f}x{r['dropped']:>9}")
+    ratio = flat["rows"]["inter"] / max(r["rows"]["inter"], 1)
+    pred = f"{r['predicted_ms']:>10.2f}" if predicted else ""
+    lines.append(f"{r['strategy']:<{w}}{r['rows']['inter']:>11}{r['rows']['intra']:>11}"
+                 f"{r['bytes']['inter'] / 1e6:>13.2f}{r['bytes']['intra'] / 1e6:>13.2f}"
+                 f"{r['max_rows_per_peer']['inter']:>10}{r['max_rows_per_peer']['intra']:>10}"
+                 f"{ratio:>14.2f}x{r['dropped']:>9}{pred}")
+  lines.append(f"MB: dispatched rows on the wire, one direction, summed over devices, in "
+               f"--dtype {cfg['dtype']}\n    or the variant's comm_dtype (fp8: D + 4 bytes per "
+               "row); combine returns as many rows")
+  if predicted:
+    lines.append(f"pred ms: dispatch + combine of one layer by cost profile "
+                 f"{cfg['profile']!r} (chunks priced one after another)")
   rates = results[0]["dedup_rate"]
-  cfg = report["config"]
   lines.append(f"dedup rate: node {rates['node']:.3f}, device {rates['device']:.3f}; "
                f"inter-node floor (once per token per remote node): "
                f"{cfg['inter_node_floor_rows']} rows")
+  hot = report.get("hottest_link")
+  if hot:
+    lines.append(f"hottest link: {hot['strategy']} {hot['link']} max {hot['max_rows_per_peer']} "
+                 f"rows/peer = {hot['vs_flat']:.1f}x flat's (max {hot['flat_max_rows_per_peer']})")
+  if predicted:
+    a = report["auto"]
+    ms = ", ".join(f"{n} {t:.2f} ms" for n, t in a["predicted_ms"].items())
+    lines.append(f"auto picks {a['choice']} ({ms})")
   return "\n".join(lines)
 
 
 def timed_table(report: dict) -> str:
   results = report["results"]
   base = next((r for r in results if r["strategy"] == "flat"), None)
-  lines = [f"{'strategy':<22}{'hop caps':>14}{'min ms':>10}{'median ms':>11}{'max ms':>10}"
+  labels = [f"auto:{r['auto_choice']}" if "auto_choice" in r else r["strategy"] for r in results]
+  w = max(20, *map(len, labels)) + 2
+  lines = [f"{'strategy':<{w}}{'hop caps':>14}{'min ms':>10}{'median ms':>11}{'max ms':>10}"
            f"{'vs flat':>9}{'predicted':>11}{'pred err':>10}"]
-  for r in results:
+  for label, r in zip(labels, results):
     t = r["time_ms"]
     speed = f"{base['time_ms']['median'] / t['median']:>8.2f}x" if base else f"{'-':>9}"
-    label = f"auto:{r['auto_choice']}" if "auto_choice" in r else r["strategy"]
     caps = "/".join(str(c) for c in (r["hop_capacity_by_strategy"][r["auto_choice"]]
                                      if "auto_choice" in r else r["hop_capacity"]))
+    if r.get("overlap_chunks", 1) > 1:  # capacities per chunk
+      caps = f"{r['overlap_chunks']}x {caps}"
     err = (r["predicted_ms"] - t["median"]) / t["median"]
-    lines.append(f"{label:<22}{caps:>14}{t['min']:>10.1f}{t['median']:>11.1f}"
+    lines.append(f"{label:<{w}}{caps:>14}{t['min']:>10.1f}{t['median']:>11.1f}"
                  f"{t['max']:>10.1f}{speed}{r['predicted_ms']:>11.1f}{err:>+9.0%} ")
   return "\n".join(lines)
 
@@ -221,21 +280,18 @@ def _write_json(report: dict, path: str | None) -> None:
 
 def timed(args) -> dict | None:
   """Runs the timed benchmark (and --fit-profile); returns the report on rank 0."""
+  import jax
+
   from hiermoe_jax.bench import timed as timed_lib  # starts JAX; keep --analytic light
   mesh = timed_lib.start(args.mesh)
   shape = MeshShape.of(mesh)
   leader = timed_lib.is_leader()
   args.mesh = (shape.nodes, shape.local)
   cli.check_experts_fit(args.experts, shape.nodes, shape.local)
-  bpe = 2 if args.dtype == "bfloat16" else 4
-  args.bytes_per_elem = bpe
-  names = args.strategies.split(",")
+  resolve_dtype(args)
+  variants = variants_of(args)
   ids = routing(args.routing, devices=shape.devices, tokens=args.tokens,
                 num_experts=args.experts, top_k=args.topk, seed=args.seed)
-  report = analytic(args, ids)
-  report["config"].update(mode="timed", dtype=args.dtype, repeats=args.repeats,
-                          warmup=args.warmup, backward=args.backward,
-                          processes=__import__("jax").process_count())
   if args.capacity_factor is not None and leader:
     print("# note: timed mode uses tight dropless buffers; --capacity-factor only affects "
           "the analytic columns")
@@ -245,11 +301,11 @@ def timed(args) -> dict | None:
     if args.fit_max_mb is not None:
       max_bytes = int(args.fit_max_mb * 1e6)
     else:
-      max_bytes = max(_stage_bytes_of(timed_lib, ids, n, shape, args, bpe) for n in names)
+      max_bytes = max(_stage_bytes_of(timed_lib, ids, v, shape, args) for v in variants)
     profile, fit_details = timed_lib.fit_profile(
         mesh, d_model=args.hidden, dtype=args.dtype, max_bytes=max_bytes,
         points=args.fit_points, repeats=args.repeats, warmup=args.warmup, tokens=args.tokens,
-        name=f"fitted on mesh {shape.nodes}x{shape.local}, {report['config']['processes']} "
+        name=f"fitted on mesh {shape.nodes}x{shape.local}, {jax.process_count()} "
              f"process(es), D={args.hidden}, {args.dtype}")
     if leader:
       profile.save(args.fit_profile)
@@ -258,48 +314,51 @@ def timed(args) -> dict | None:
         print(f"  {kind:<6} alpha {d['alpha_ms']:.3f} ms  beta {d['beta_ms_per_byte']:.3e} "
               f"ms/B ({1e-6 / max(d['beta_ms_per_byte'], 1e-30):.2f} GB/s)  r^2 "
               f"{d['r2']:.3f}")
-    report["config"]["profile"] = args.fit_profile
+  else:
+    profile = cost.load_profile(args.profile)
+  report = analytic(args, ids, profile)  # auto decided with the profile in use
+  report["config"].update(mode="timed", repeats=args.repeats, warmup=args.warmup,
+                          backward=args.backward, processes=jax.process_count(),
+                          profile=args.fit_profile or args.profile)
+  if fit_details is not None:
     report["fit"] = fit_details
     if args.fit_only:
       return report if leader else None
-  else:
-    profile = cost.load_profile(args.profile)
-    report["config"]["profile"] = args.profile
 
-  info = timed_lib.benchmark(mesh, ids, strategies=names, num_experts=args.experts,
+  info = timed_lib.benchmark(mesh, ids, strategies=variants, num_experts=args.experts,
                              d_model=args.hidden, dtype=args.dtype, repeats=args.repeats,
                              warmup=args.warmup, backward=args.backward,
                              gspmd_group=min(args.gspmd_group, args.tokens), seed=args.seed,
                              profile=profile)
-  for i, r in enumerate(report["results"]):
-    name = r["strategy"]
-    if name == "auto":  # decided with the profile actually in use (it may be fitted)
-      stats = traffic.stats(ids, mesh_shape=(shape.nodes, shape.local),
-                            num_experts=args.experts, d_model=args.hidden,
-                            bytes_per_elem=bpe)
-      r = report["results"][i] = auto_entry(stats, profile, shape, args)
-      r.update(info[name])
-      caps = r["hop_capacity_by_strategy"][r["auto_choice"]]
+  for v, r in zip(variants, report["results"]):
+    r.update(info[v.spec])
+    if v.base == "auto":
+      priced, caps, chunks = r["auto_choice"], r["hop_capacity_by_strategy"][r["auto_choice"]], 1
+      bpe = args.bytes_per_elem
     else:
-      r.update(info[name])
-      caps = info[name]["hop_capacity"]
-    r["predicted_ms"] = float(cost.predict(_priced(r.get("auto_choice", name)), caps, profile,
-                                           mesh_shape=shape, d_model=args.hidden,
-                                           bytes_per_elem=bpe))
+      priced, caps, chunks = v.priced, r["hop_capacity"], v.chunks
+      bpe = v.bytes_per_elem(args.hidden, args.dtype)
+    r["predicted_ms"] = chunks * float(cost.predict(priced, caps, profile, mesh_shape=shape,
+                                                    d_model=args.hidden, bytes_per_elem=bpe))
     if args.backward:  # the VJP repeats every all-to-all once more
       r["predicted_ms"] *= 2
   return report if leader else None
 
 
-def _stage_bytes_of(timed_lib, ids, name, shape, args, bpe) -> int:
-  if name == "gspmd":
-    cap = timed_lib.gspmd_capacity(ids, min(args.gspmd_group, args.tokens), args.experts)
-    caps = ((args.experts // shape.devices) * (args.tokens // min(args.gspmd_group,
-                                                                  args.tokens)) * cap,)
-  else:
-    caps = timed_lib.tight_hop_caps(ids, name, shape, args.experts)
+def _stage_bytes_of(timed_lib, ids, variant: Variant, shape, args) -> int:
+  """The largest stage (bytes of one hop's buffer) the variant runs, in --dtype."""
+  bpe = args.bytes_per_elem
+  if variant.base == "gspmd":
+    group = min(args.gspmd_group, args.tokens)
+    cap = timed_lib.gspmd_capacity(ids, group, args.experts)
+    return cost.stage_bytes(shape.devices, (args.experts // shape.devices)
+                            * (args.tokens // group) * cap, args.hidden, bpe)
+  names = (auto.candidates(shape, args.topk) if variant.base == "auto" else (variant.base,))
   return max(cost.stage_bytes(cost.group_size(kind, shape), c, args.hidden, bpe)
-             for kind, c in zip(cost.stage_kinds(_priced(name)), caps))
+             for name in names
+             for kind, c in zip(cost.stage_kinds(name),
+                                timed_lib.tight_hop_caps(ids, name, shape, args.experts,
+                                                         variant.chunks)))
 
 
 def main(argv=None) -> int:
@@ -317,7 +376,8 @@ def main(argv=None) -> int:
   if args.analytic:
     cfg = report["config"]
     print(f"# analytic traffic: mesh {cfg['mesh']}, E={cfg['experts']}, K={cfg['topk']}, "
-          f"T={cfg['tokens']}/device, D={cfg['hidden']}, routing {cfg['routing']}")
+          f"T={cfg['tokens']}/device, D={cfg['hidden']}, {cfg['dtype']}, routing "
+          f"{cfg['routing']}")
     print(table(report))
     _write_json(report, args.json)
     return 0
@@ -328,7 +388,7 @@ def main(argv=None) -> int:
         f"({cfg['processes']} process(es)), E={cfg['experts']}, K={cfg['topk']}, "
         f"T={cfg['tokens']}/device, D={cfg['hidden']}, {cfg['dtype']}, routing "
         f"{cfg['routing']}, {cfg['repeats']} repeats; predicted by profile {cfg['profile']!r}")
-  print(table(report))
+  print(table(report, predicted=False))
   if "time_ms" in report["results"][0]:
     print(timed_table(report))
   _write_json(report, args.json)

@@ -7,6 +7,10 @@ peer), W gspmd groups.
 Every strategy runs on the same routed tokens with tight padded buffers: each
 hop's capacity is the most rows any device sends to one peer in it (self
 included, from `traffic.simulate`), so nothing is dropped and padding is minimal.
+A variant (`variants.py`) may put its dispatched rows on a low-precision wire
+(`comm_dtype`) and split each device's tokens into `overlap_chunks` independent
+dispatch/combine chunks, as `moe._device_moe` does; each chunk's buffers are tight
+for the fullest chunk.
 The expert stage is a cheap stand-in (one weighted vector per row back, as
 pre-reduce does), so the time is the exchange alone. Strategies are interleaved
 across repeats (rotating order) to cancel drift on a shared machine; in a
@@ -31,12 +35,12 @@ from typing import Callable
 import numpy as np
 
 from hiermoe_jax import cost, traffic
+from hiermoe_jax.bench import variants as variants_lib
 from hiermoe_jax.cluster import distributed
 from hiermoe_jax.config import ConfigError
 from hiermoe_jax.dispatch import exchange, get_strategy
 from hiermoe_jax.dispatch.base import Strategy, receiver
 from hiermoe_jax.mesh import AXES, MeshShape
-
 
 
 def start(mesh_arg: tuple[int, int] | None):
@@ -97,10 +101,15 @@ def routed_inputs(ids_ATK: np.ndarray, d_model: int, dtype: str, seed: int):
 
 
 def tight_hop_caps(slots_ATK: np.ndarray, strategy: str, shape: MeshShape,
-                   num_experts: int) -> tuple[int, ...]:
-  """Per-hop capacity = most rows any device sends to one peer (self included)."""
-  sim = traffic.simulate(slots_ATK, strategy, shape, num_experts)
-  return tuple(max(int(hop["sent"].max(initial=0)), 1) for hop in sim["hops"])
+                   num_experts: int, chunks: int = 1) -> tuple[int, ...]:
+  """Per-hop capacity = most rows any device sends to one peer (self included); with
+  `chunks`, of any one of each device's `chunks` equal token chunks."""
+  per = slots_ATK.shape[1] // chunks
+  caps = [1] * len(get_strategy(strategy).tiers)
+  for c in range(chunks):
+    sim = traffic.simulate(slots_ATK[:, c * per:(c + 1) * per], strategy, shape, num_experts)
+    caps = [max(cap, int(hop["sent"].max(initial=0))) for cap, hop in zip(caps, sim["hops"])]
+  return tuple(caps)
 
 
 def gspmd_capacity(slots_ATK: np.ndarray, group: int, num_experts: int) -> int:
@@ -142,15 +151,25 @@ def _exchange_only(strategy, x_TD, slots_TK, w_TK, *, hop_caps, layout):
 
 
 def exchange_step(mesh, strategy: str | Strategy, hop_caps: tuple[int, ...], num_experts: int,
-                  backward: bool) -> Callable:
-  """jit(step)(x, slots, w, ct) running one strategy's dispatch + combine."""
+                  backward: bool, *, comm_dtype: str | None = None, chunks: int = 1) -> Callable:
+  """jit(step)(x, slots, w, ct) running one strategy's dispatch + combine, its rows on
+  the wire in `comm_dtype` (MoEConfig.comm_dtype), on `chunks` independent slices of
+  each device's tokens (MoEConfig.overlap_chunks; hop_caps are per chunk)."""
   import jax
+  import jax.numpy as jnp
   shape = MeshShape.of(mesh)
-  layout = exchange.Layout(shape, num_experts)
+  layout = exchange.Layout(shape, num_experts, comm_dtype=comm_dtype)
   strat = get_strategy(strategy) if isinstance(strategy, str) else strategy
 
   def device(x_TD, slots_TK, w_TK):
-    return _exchange_only(strat, x_TD, slots_TK, w_TK, hop_caps=hop_caps, layout=layout)[0]
+    per_chunk = x_TD.shape[0] // chunks
+    ys = []
+    for c in range(chunks):
+      part = slice(c * per_chunk, (c + 1) * per_chunk)
+      with jax.named_scope(f"chunk{c}" if chunks > 1 else ""):
+        ys.append(_exchange_only(strat, x_TD[part], slots_TK[part], w_TK[part],
+                                 hop_caps=hop_caps, layout=layout)[0])
+    return ys[0] if chunks == 1 else jnp.concatenate(ys)
 
   rows = shape.rows(2)
   forward = jax.shard_map(device, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows)
@@ -268,25 +287,34 @@ def summary(ms: np.ndarray) -> dict:
 
 # ----------------------------------------------------------------------------- benchmark
 
-def benchmark(mesh, ids_ATK: np.ndarray, *, strategies: list[str], num_experts: int,
+def benchmark(mesh, ids_ATK: np.ndarray, *, strategies: list, num_experts: int,
               d_model: int, dtype: str, repeats: int, warmup: int, backward: bool,
               gspmd_group: int, seed: int, profile=None) -> dict[str, dict]:
-  """Times each strategy; returns {name: {"time_ms", "hop_capacity", ...}}."""
+  """Times each variant, interleaved; returns {spec: {"time_ms", "hop_capacity", ...}}.
+
+  strategies: `variants.Variant`s, or their specs ("hier_dedup:comm_dtype=bfloat16").
+  """
   import jax.numpy as jnp
+  if any(isinstance(v, str) for v in strategies):
+    top_k = ids_ATK.shape[-1]
+    strategies = variants_lib.parse(
+        ",".join(v if isinstance(v, str) else v.spec for v in strategies), timed=True,
+        tokens=ids_ATK.shape[1], d_model=d_model, num_experts=num_experts, top_k=top_k)
   shape = MeshShape.of(mesh)
   x, slots, w = routed_inputs(ids_ATK, d_model, dtype, seed)
   x_g, slots_g, w_g = (global_array(mesh, a) for a in (x, slots, w))
   ct_g = global_array(mesh, np.ones(x.shape, np.float32).astype(x.dtype))
   info, steps = {}, {}
-  for name in strategies:
+  for variant in strategies:
+    name = variant.base
     if name == "gspmd":
       cap = gspmd_capacity(ids_ATK, gspmd_group, num_experts)
       fn = gspmd_step(mesh, group=gspmd_group, capacity=cap, num_experts=num_experts,
                       backward=backward)
       groups_per_device = ids_ATK.shape[1] // gspmd_group
       per_peer = (num_experts // shape.devices) * groups_per_device * cap
-      info[name] = {"hop_capacity": [per_peer], "gspmd_group": gspmd_group,
-                    "gspmd_expert_capacity": cap}
+      info[variant.spec] = {"hop_capacity": [per_peer], "gspmd_group": gspmd_group,
+                            "gspmd_expert_capacity": cap}
     elif name == "auto":
       from hiermoe_jax.dispatch import auto
       top_k = ids_ATK.shape[-1]
@@ -294,16 +322,17 @@ def benchmark(mesh, ids_ATK: np.ndarray, *, strategies: list[str], num_experts: 
               for n in auto.candidates(shape, top_k)}
       fn = auto_step(mesh, caps, num_experts, profile, top_k=top_k, d_model=d_model,
                      bytes_per_elem=jnp.dtype(dtype).itemsize, backward=backward)
-      info[name] = {"hop_capacity_by_strategy": {n: list(c) for n, c in caps.items()}}
+      info[variant.spec] = {"hop_capacity_by_strategy": {n: list(c) for n, c in caps.items()}}
     else:
-      caps = tight_hop_caps(ids_ATK, name, shape, num_experts)
-      fn = exchange_step(mesh, name, caps, num_experts, backward)
-      info[name] = {"hop_capacity": list(caps)}
-    steps[name] = functools.partial(fn, x_g, slots_g, w_g, ct_g)
+      caps = tight_hop_caps(ids_ATK, name, shape, num_experts, variant.chunks)
+      fn = exchange_step(mesh, name, caps, num_experts, backward,
+                         comm_dtype=variant.comm_dtype, chunks=variant.chunks)
+      info[variant.spec] = {"hop_capacity": list(caps), "overlap_chunks": variant.chunks}
+    steps[variant.spec] = functools.partial(fn, x_g, slots_g, w_g, ct_g)
   times = time_interleaved(steps, repeats=repeats, warmup=warmup)
-  for name in strategies:
-    info[name]["time_ms"] = summary(times[name])
-    info[name]["samples_ms"] = [float(v) for v in times[name]]
+  for spec, ms in times.items():
+    info[spec]["time_ms"] = summary(ms)
+    info[spec]["samples_ms"] = [float(v) for v in ms]
   return info
 
 
