@@ -4,6 +4,9 @@ Sources (`load_tokens`):
   * default: the documentation text that ships with Python (`pydoc_data.topics`),
     as UTF-8 bytes: byte-level tokens, no downloads, runs anywhere;
   * a text file, or a directory of text files (read recursively, sorted), as bytes;
+    or, when the run directory holds a Hugging Face `tokenizer.json` (scripts/
+    convert_hf.py copies the checkpoint's), tokenized with it (`tokenizers` package,
+    the hf extra). The default corpus stays byte-level;
   * a pre-tokenised `.npy` array or raw `.bin` file (uint16 / uint32), memory-mapped.
 
 The last `eval_fraction` of the stream is held out. Training windows of
@@ -30,8 +33,48 @@ def default_corpus() -> np.ndarray:
   return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
-def load_tokens(cfg: DataConfig) -> np.ndarray:
-  """A 1-D integer array (possibly a read-only memmap) of the whole corpus."""
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def run_tokenizer(run_dir) -> pathlib.Path | None:
+  """The run's Hugging Face tokenizer (`<run_dir>/tokenizer.json`), if it has one."""
+  path = pathlib.Path(run_dir) / TOKENIZER_FILE
+  return path if path.is_file() else None
+
+
+def tokenize(files: list[pathlib.Path], tokenizer: pathlib.Path, key: str) -> np.ndarray:
+  """The files' UTF-8 text tokenized with a Hugging Face tokenizer.json (no special
+  tokens), documents joined by the tokens of a blank line, as the byte stream joins
+  them; uint16 ids when the vocabulary fits, else uint32."""
+  try:
+    from tokenizers import Tokenizer
+  except ImportError:
+    raise ConfigError(f"{key} is text and the run has {tokenizer}: tokenizing needs the "
+                      "tokenizers package (pip install 'hiermoe-jax[hf]')") from None
+  try:
+    tok = Tokenizer.from_file(str(tokenizer))
+  except Exception as e:  # tokenizers raises its own Exception type
+    raise ConfigError(f"tokenizer {str(tokenizer)!r} is invalid: not a Hugging Face "
+                      f"tokenizer.json ({' '.join(str(e).split())})") from None
+  texts = []
+  for f in files:
+    try:
+      texts.append(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+      raise ConfigError(f"{key} file {str(f)!r} is not UTF-8 text; it is tokenized with "
+                        f"{tokenizer}") from None
+  dtype = np.uint16 if tok.get_vocab_size(with_added_tokens=True) <= 2 ** 16 else np.uint32
+  separator = np.asarray(tok.encode("\n\n", add_special_tokens=False).ids, dtype)
+  parts = []
+  for n, encoding in enumerate(tok.encode_batch(texts, add_special_tokens=False)):
+    parts += [separator] if n else []
+    parts.append(np.asarray(encoding.ids, dtype))
+  return np.concatenate(parts)
+
+
+def load_tokens(cfg: DataConfig, tokenizer: pathlib.Path | None = None) -> np.ndarray:
+  """A 1-D integer array (possibly a read-only memmap) of the whole corpus; text files
+  are tokenized with `tokenizer` (a tokenizer.json path) if given, else bytes."""
   if cfg.path is None:
     return default_corpus()
   path = pathlib.Path(cfg.path)
@@ -56,6 +99,8 @@ def load_tokens(cfg: DataConfig) -> np.ndarray:
   files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
   if not files:
     raise ConfigError(f"data.path={cfg.path!r} is invalid: the directory holds no files")
+  if tokenizer is not None:
+    return tokenize(files, pathlib.Path(tokenizer), f"data.path={cfg.path!r}")
   return np.frombuffer(b"\n\n".join(f.read_bytes() for f in files), dtype=np.uint8)
 
 

@@ -263,8 +263,9 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
   mesh = run_mesh(cfg)
   validate_run(cfg, mesh)
 
-  train_tokens, eval_tokens = data_lib.split(data_lib.load_tokens(cfg.data),
-                                             cfg.data.eval_fraction)
+  # Text is tokenized with the run's tokenizer.json if it has one (scripts/convert_hf.py).
+  tokens = data_lib.load_tokens(cfg.data, data_lib.run_tokenizer(run_dir))
+  train_tokens, eval_tokens = data_lib.split(tokens, cfg.data.eval_fraction)
   train_batches = data_lib.Batches(train_tokens, tc.batch_size, tc.seq_len, tc.seed,
                                    vocab_size=cfg.model.vocab_size)
   eval_batches = data_lib.Batches(eval_tokens, tc.batch_size, tc.seq_len, tc.seed,
