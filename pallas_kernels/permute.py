@@ -47,6 +47,22 @@ Kernels (see `_group_slots_by_token` for why unpermute is a gather):
 Block sizes live in one frozen `PermuteConfig`. Tails are masked inside the kernels, so no
 dimension has to be divisible by a block size and no input is padded (padding would cost a full
 extra copy of `x` or `buf`).
+
+GPU limits (measured by compiling for H100 and H200 without a device, bf16/f16/f32/f64, tokens
+T = 32,768, D = 2048 and 7168; tests/test_kernel_limits.py):
+  registers  the binding limit. A program holds its whole tile in registers, spread over its
+             threads; past a thread's share ptxas spills to local memory and XLA still compiles
+             (slowly: minutes for a 64 x 8192 tile), unless the debug option
+             `xla_gpu_fail_ptx_compilation_on_register_spilling` makes it fail. The unpermute
+             kernel (f32 accumulator + gathered tile) stops fitting first: at most 64 tile
+             elements per thread up to 8 warps (255 registers each), 32 at 16 warps, 16 at 32,
+             i.e. a quarter of a thread's registers. `PermuteConfig.check` enforces that and
+             `PermuteConfig.for_target` picks the widest `block_d` within it.
+  shared     not a limit: nothing is staged in shared memory. XLA reports at most 4 KiB per
+  memory     program (index vectors, the dw row sums) for every tile tried, far below the
+             227 KiB (232,448 bytes) opt-in limit of H100/H200.
+  threads    `num_warps` <= 32 (1,024 threads per block). XLA compiles more without complaint;
+             such a kernel would fail at launch, so `PermuteConfig` refuses it.
 """
 
 from __future__ import annotations
@@ -70,9 +86,21 @@ __all__ = [
 
 _ACC_DTYPE = jnp.float32  # the contract's product and accumulation dtype
 
+# One Triton program on a CUDA GPU (module docstring, "GPU limits").
+_THREADS_PER_WARP = 32
+_MAX_WARPS = 32  # 1,024 threads per block, the CUDA limit of every GPU since compute 2.0
+_REGISTER_SLOTS_PER_THREAD = 256  # R0..R254 plus the zero register RZ
+# Registers a thread needs per tile element it holds (f32 accumulator, gathered value, address
+# arithmetic): the unpermute kernel spills above 1/4 of a thread's registers.
+_REGISTERS_PER_ELEMENT = 4
+
 
 def _is_power_of_two(n: int) -> bool:
   return n > 0 and (n & (n - 1)) == 0
+
+
+def _floor_power_of_two(n: int) -> int:
+  return 1 << (n.bit_length() - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +118,10 @@ class PermuteConfig:
   Triton tensors must have power-of-two sizes, so both block sizes must be powers of two. They
   need NOT divide the array sizes (tails are masked), and they are clipped to the next power of
   two above the actual size so tiny inputs do not launch mostly-masked tiles.
+
+  The default (16 x 256, 4 warps: 32 elements per thread) fits every GPU in
+  `hiermoe_jax.gpu_aot.GPUS` at any D. `for_target(d, gpu)` picks the widest block that fits a
+  GPU's registers; `check(d, gpu)` refuses a config that does not.
   """
 
   block_rows: int = 16
@@ -104,11 +136,74 @@ class PermuteConfig:
       if not _is_power_of_two(value):
         raise ValueError(f"PermuteConfig.{name}={value} must be a positive power of two "
                          "(Triton block and warp counts are powers of two)")
+    if self.num_warps > _MAX_WARPS:
+      raise ValueError(f"PermuteConfig.num_warps={self.num_warps} is too many; valid: <= "
+                       f"{_MAX_WARPS} ({_MAX_WARPS * _THREADS_PER_WARP} threads per block, the "
+                       "CUDA limit)")
 
   def tile(self, rows: int, d: int) -> tuple[int, int]:
     """Effective (block_rows, block_d) for an output of `rows` x `d`."""
     return (min(self.block_rows, pl.next_power_of_2(max(rows, 1))),
             min(self.block_d, pl.next_power_of_2(max(d, 1))))
+
+  @property
+  def threads(self) -> int:
+    return self.num_warps * _THREADS_PER_WARP
+
+  def elements_per_thread(self, d: int) -> int:
+    """Tile elements each thread holds at model dim `d` (a full block of rows; at least 1)."""
+    rows, cols = self.tile(self.block_rows, _check_static_int("d", d, 1))
+    return max(1, rows * cols // self.threads)
+
+  def check(self, d: int, gpu) -> PermuteConfig:
+    """This config, if its tile at model dim `d` fits `gpu`'s registers; else ValueError.
+
+    `gpu`: a `hiermoe_jax.gpu_aot` GPU name ("h100", "h200", "b200") or a `GpuSpec`.
+    """
+    have = self.elements_per_thread(d)
+    rows, cols = self.tile(self.block_rows, d)
+    name, registers = _registers_per_thread(gpu, self.num_warps)
+    limit = registers // _REGISTERS_PER_ELEMENT
+    if have > limit:
+      raise ValueError(
+          f"{self} does not fit {name} at {d=}: its {rows} x {cols} tile is {have} elements per "
+          f"thread over {self.threads} threads; valid: <= {limit} ({registers} registers per "
+          f"thread / {_REGISTERS_PER_ELEMENT} per element), beyond which ptxas spills the tile "
+          f"to local memory. PermuteConfig.for_target(d={d}, gpu={name!r}) picks a block_d "
+          "that fits")
+    return self
+
+  @classmethod
+  def for_target(cls, d: int, gpu, *, block_rows: int = 16,
+                 num_warps: int = 4) -> PermuteConfig:
+    """The widest `block_d` (up to D's next power of two) whose tile fits `gpu`'s registers.
+
+    The same for every float dtype (measured: the accumulator is f32 whatever the rows are).
+    At the defaults (16 rows, 4 warps: <= 64 elements per thread) that is block_d = 512 on
+    H100, H200 and B200 for any D > 256.
+    """
+    d = _check_static_int("d", d, 1)
+    base = cls(block_rows=block_rows, block_d=1, num_warps=num_warps)
+    name, registers = _registers_per_thread(gpu, num_warps)
+    elements = registers // _REGISTERS_PER_ELEMENT * base.threads  # per program
+    if block_rows > elements:
+      raise ValueError(f"PermuteConfig.for_target: {block_rows=} is too many for {name} at "
+                       f"{num_warps=}; valid: <= {elements} (one column each)")
+    cols = min(_floor_power_of_two(elements // block_rows), pl.next_power_of_2(d))
+    return dataclasses.replace(base, block_d=cols).check(d, gpu)
+
+
+def _registers_per_thread(gpu, num_warps: int) -> tuple[str, int]:
+  """(GPU name, registers each thread of a `num_warps`-warp program can have)."""
+  from hiermoe_jax import gpu_aot  # lazy: only this reads GPU facts
+
+  spec = gpu_aot.gpu_spec(gpu, "PermuteConfig")
+  name = next((key for key, value in gpu_aot.GPUS.items() if value == spec), spec.description)
+  threads = num_warps * _THREADS_PER_WARP
+  if threads > spec.threads_per_block:
+    raise ValueError(f"{num_warps=} is {threads} threads; valid for {name}: <= "
+                     f"{spec.threads_per_block} threads per block")
+  return name, min(_REGISTER_SLOTS_PER_THREAD, spec.registers_per_block // threads)
 
 
 DEFAULT_CONFIG = PermuteConfig()

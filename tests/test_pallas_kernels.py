@@ -316,6 +316,8 @@ def test_invalid_arguments(call, exc, match):
         ({"block_rows": 0}, ValueError,
          "PermuteConfig.block_rows=0 must be a positive power of two"),
         ({"num_warps": 3}, ValueError, "PermuteConfig.num_warps=3"),
+        ({"num_warps": 64}, ValueError,
+         r"PermuteConfig.num_warps=64 is too many; valid: <= 32 \(1024 threads per block"),
         ({"block_rows": 8.0}, TypeError, "PermuteConfig.block_rows must be an int"),
     ],
 )
@@ -331,6 +333,41 @@ def test_config_is_static_and_tiles_clip():
     cfg.block_d = 64  # frozen
   assert cfg.tile(5, 200) == (8, 256)
   assert cfg.tile(1000, 4096) == (32, 512)
+
+
+@pytest.mark.parametrize("gpu", ["h100", "h200", "b200"])
+def test_for_target_fits_the_register_file(gpu):
+  """Tile elements per thread <= registers per thread / 4 (tests/test_kernel_limits.py
+  compiles these for H100 and H200 and checks that ptxas does not spill)."""
+  for d in (2048, 7168):
+    assert PermuteConfig.for_target(d, gpu) == PermuteConfig(16, 512, 4)
+    assert PermuteConfig().check(d, gpu) == PermuteConfig()  # the default fits
+  assert PermuteConfig.for_target(100, gpu) == PermuteConfig(16, 128, 4)  # clipped to D
+  # 255 registers per thread up to 8 warps; 65,536 per block share more threads beyond.
+  widest = {1: 64, 2: 64, 4: 64, 8: 64, 16: 32, 32: 16}
+  for warps, elements in widest.items():
+    config = PermuteConfig.for_target(7168, gpu, num_warps=warps)
+    assert config.elements_per_thread(7168) == elements, (warps, config)
+    wider = PermuteConfig(16, 2 * config.block_d, warps)
+    with pytest.raises(ValueError, match=f"is {2 * elements} elements per thread over "
+                                         f"{32 * warps} threads; valid: <= {elements} "):
+      wider.check(7168, gpu)
+
+
+def test_limit_errors_name_the_value():
+  with pytest.raises(ValueError, match=re.escape(
+      "PermuteConfig(block_rows=16, block_d=1024, num_warps=4) does not fit h100 at d=7168: its "
+      "16 x 1024 tile is 128 elements per thread over 128 threads; valid: <= 64 (256 registers "
+      "per thread / 4 per element), beyond which ptxas spills the tile to local memory. "
+      "PermuteConfig.for_target(d=7168, gpu='h100') picks a block_d that fits")):
+    PermuteConfig(block_d=1024).check(7168, "h100")
+  with pytest.raises(ValueError, match=r"block_rows=16384 is too many for h200 at num_warps=4; "
+                                       r"valid: <= 8192"):
+    PermuteConfig.for_target(2048, "h200", block_rows=16384)
+  with pytest.raises(ValueError, match=r"gpu='a100' is invalid: must be one of \('h100'"):
+    PermuteConfig.for_target(2048, "a100")
+  with pytest.raises(ValueError, match=r"d=0 is out of range; valid: >= 1"):
+    PermuteConfig().check(0, "h200")
 
 
 # ------------------------------------------------------- CUDA export (no GPU)
