@@ -27,8 +27,10 @@ def cache_dir(tmp_path_factory):
 # next JAX releases (which remove what the current one deprecates). A warning's module
 # is where `stacklevel` attributes it: JAX's own deprecation warnings (module-level
 # `_deprecations`, `jax._src.deprecations.warn`) point at the caller, i.e. at the
-# modules below, or inside jax itself. Third-party code that calls a deprecated API
-# (flax, optax, orbax, transformers) is attributed to itself and left alone.
+# modules below, or inside jax itself; JAX's "will be an error" FutureWarnings (unsafe
+# scatter casts, raw PRNG keys) point inside jax. Third-party code that calls a
+# deprecated API (flax, optax, orbax, transformers) is attributed to itself and left
+# alone.
 DEPRECATION_ERROR_MODULES = ("jax", "hiermoe_jax", "models", "pallas_kernels", "scripts",
                              "test_", "helpers", "bruteforce", "conftest", "mp_worker_")
 
@@ -36,3 +38,4 @@ DEPRECATION_ERROR_MODULES = ("jax", "hiermoe_jax", "models", "pallas_kernels", "
 def pytest_configure(config):
   for module in DEPRECATION_ERROR_MODULES:
     config.addinivalue_line("filterwarnings", f"error::DeprecationWarning:{module}")
+    config.addinivalue_line("filterwarnings", f"error::FutureWarning:{module}")
