@@ -30,6 +30,10 @@ from hiermoe_jax.errors import (ConfigError, check_bool, check_choice, check_int
 from hiermoe_jax.mesh import AXES
 
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+# model.attention / model.remat names (models/transformer.py maps them to kernels and
+# jax.checkpoint policies).
+ATTENTION = ("auto", "xla", "cudnn", "pallas")
+REMAT = ("none", "full", "dots", "dots_no_batch")
 # MoEConfig fields the trainer sets, not the moe section (with why, for the error): the
 # width, and the mesh-axes fields (MoEConfig's defaults name the axes of the trainer's mesh).
 MOE_SET_BY_TRAINER = {"d_model": "it is set by model.d_model", **{
@@ -66,6 +70,17 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"  # activation dtype of attention and dense layers
   param_dtype: str = "float32"
+  # How the step runs; none of these changes the model's function or its init.
+  # attention kernel: auto = cuDNN flash attention on GPU meshes when cuDNN is installed
+  # (half dtypes), else Pallas Triton flash attention there; XLA's elsewhere.
+  attention: str = "auto"
+  # Per-block rematerialisation: none, full (save only the block's input), dots (save
+  # matmul outputs), dots_no_batch (save matmuls without batch dims: not attention's).
+  # none by default: the CPU presets have memory to spare; the GPU presets set full.
+  remat: str = "none"
+  # Each run of identical blocks (dense, then MoE) is one scan over stacked state, so the
+  # step compiles one block per run whatever n_layers is (checkpoints differ by layout).
+  scan_layers: bool = True
 
   def __post_init__(self):
     _check_fields(check_int, "model", self,
@@ -86,8 +101,14 @@ class ModelConfig:
            f"must be an integer in [0, model.n_layers={self.n_layers}]")
     check_real("model.rope_theta", self.rope_theta, 0, strict=True)
     check_real("model.norm_eps", self.norm_eps, 0, strict=True)
-    _check_fields(check_bool, "model", self, ("qk_norm", "tie_embeddings"), "true/false")
+    _check_fields(check_bool, "model", self, ("qk_norm", "tie_embeddings", "scan_layers"),
+                  "true/false")
     _check_fields(check_choice, "model", self, ("dtype", "param_dtype"), DTYPES)
+    check_choice("model.attention", self.attention, ATTENTION)
+    check_choice("model.remat", self.remat, REMAT)
+    if self.attention == "cudnn" and self.dtype == "float32":
+      fail("model.attention", self.attention,
+           "cuDNN has no float32 flash attention: set model.dtype to bfloat16 or float16")
 
   @property
   def resolved_head_dim(self) -> int:

@@ -160,12 +160,14 @@ def test_attention_matches_a_direct_float32_reference():
   np.testing.assert_allclose(got, reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_transformer_layers_forward_and_aux():
-  cfg = _small_cfg()
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_transformer_layers_forward_and_aux(scan):
+  cfg = _small_cfg(f"model.scan_layers={str(scan).lower()}")
   mesh = hm.make_mesh(2, 4)
   model = Transformer(cfg.model, cfg.moe, mesh=mesh, rngs=nnx.Rngs(0))
-  assert isinstance(model.blocks[0].ffn, DenseFFN)  # first_k_dense = 1
-  assert isinstance(model.blocks[1].ffn, hm.MoE)
+  blocks = model.stacks if scan else model.blocks  # scanned: one stacked block per run
+  assert isinstance(blocks[0].ffn, DenseFFN)  # first_k_dense = 1
+  assert isinstance(blocks[1].ffn, hm.MoE)
   assert model.moe_layers == [1]
   tokens = jax.random.randint(jax.random.key(5), (8, 12), 0, 256)
 
