@@ -59,6 +59,11 @@ class Checkpointer:
       items["swap_windows"] = ocp.args.StandardSave(swap_windows)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+  def read_meta(self, step: int) -> dict:
+    """Step `step`'s JSON record alone (the state is not read)."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        "meta"]
+
   def restore(self, step: int, abstract_state: Any) -> Restored:
     """Reads step `step` into the shardings that `abstract_state` carries."""
     items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())

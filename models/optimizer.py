@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from models.config import TrainConfig
+from models.transformer import is_stacked
 
 
 def learning_rate(cfg: TrainConfig) -> optax.Schedule:
@@ -39,8 +40,11 @@ def applied_updates(opt_state) -> jax.Array:
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only: not on norm scales (or any vector)."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices only: not on norm scales (or any vector). The leaves of
+  scanned blocks carry a leading layer axis (models/transformer.py): not counted."""
+  def decays(path, p):
+    return p.ndim - is_stacked(path) >= 2
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

@@ -24,9 +24,9 @@ from jax.sharding import Mesh, NamedSharding
 
 import hiermoe_jax as hm
 from hiermoe_jax import mesh as mesh_lib
-from models.config import Config
+from models.config import Config, ModelConfig
 from models.optimizer import applied_updates, learning_rate, make_optimizer
-from models.transformer import Transformer, moe_aux_by_layer
+from models.transformer import Transformer, block_site, layer_state, moe_aux_by_layer
 
 
 @flax.struct.dataclass
@@ -123,7 +123,7 @@ class Model:
     buffers = self._update_router_biases(params, state.buffers, auxes)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     devices = self.mesh.devices.size
-    placements = placements_of(state.buffers, self.moe_layers).values()
+    placements = placements_of(state.buffers, self.moe_layers, self.cfg.model).values()
     metrics = StepMetrics(
         loss=ce, aux_loss=aux_loss, grad_norm=grad_norm,
         lr=self.schedule(applied_updates(state.opt_state)),  # the lr this update uses
@@ -147,14 +147,10 @@ class Model:
     logits_BSV, _ = self._forward(state.params, state.buffers, inputs_BS)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS).mean()
 
-  def _moe_modules(self, model) -> list[hm.MoE]:
-    return [model.blocks[i].ffn for i in model.moe_layers]
-
   def _update_router_biases(self, params, buffers, auxes):
     """DeepSeek's aux-loss-free bias update with this step's expert counts."""
     model = nnx.merge(self.graphdef, params, buffers)
-    for layer, aux in zip(self._moe_modules(model), auxes):
-      layer.update_router_bias(aux.expert_counts)
+    model.update_router_biases([aux.expert_counts for aux in auxes])
     return nnx.state(model, nnx.Not(nnx.Param))
 
   @functools.cached_property
@@ -167,21 +163,33 @@ class Model:
     return jax.jit(self.eval_step)
 
 
-def placements_of(buffers, layers) -> dict[int, jax.Array]:
-  """{block index: [E] placement} of the MoE layers."""
-  return {layer: buffers["blocks"][layer]["ffn"]["placement"][...] for layer in layers}
+def placements_of(buffers, layers, model_cfg: ModelConfig) -> dict[int, jax.Array]:
+  """{block index: [E] placement} of the MoE layers (scanned or not: `block_site`)."""
+  return {layer: layer_state(buffers, model_cfg, layer)["ffn"]["placement"][...]
+          for layer in layers}
 
 
-def with_placements(buffers, placements: dict):
+def with_placements(buffers, placements: dict, model_cfg: ModelConfig):
   """`buffers` with the given layers' placements replaced (host values, put with the old
-  leaf's sharding on every process)."""
+  leaf's sharding on every process). A scanned run's [layers, E] leaf keeps the rows of
+  the layers not given (placements are replicated: every process reads them)."""
+  sites = {}  # keys of a block's subtree -> {row (None: unrolled): [E] placement}
+  for layer, value in placements.items():
+    keys, row = block_site(model_cfg, layer)
+    sites.setdefault(keys, {})[row] = value
+
   def replace(path, leaf):
-    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    if len(keys) >= 4 and keys[0] == "blocks" and keys[2:4] == ["ffn", "placement"] and (
-        keys[1] in placements):
-      value = np.asarray(placements[keys[1]], leaf.dtype)
-      return jax.make_array_from_callback(value.shape, leaf.sharding, lambda idx: value[idx])
-    return leaf
+    keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+    rows = sites.get(keys[:2])
+    if rows is None or keys[2:4] != ("ffn", "placement"):
+      return leaf
+    if None in rows:
+      value = np.asarray(rows[None], leaf.dtype)
+    else:
+      value = np.array(leaf)
+      for row, placement in rows.items():
+        value[row] = placement
+    return jax.make_array_from_callback(value.shape, leaf.sharding, lambda idx: value[idx])
   return jax.tree_util.tree_map_with_path(replace, buffers)
 
 

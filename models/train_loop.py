@@ -17,6 +17,7 @@ all-finite state, and resuming skips damaged checkpoints (models/checkpoint.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
 import signal
@@ -29,17 +30,20 @@ import jax
 import numpy as np
 import yaml
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hiermoe_jax as hm
 from hiermoe_jax import cost as cost_lib
 from hiermoe_jax import validate
 from hiermoe_jax.diagnostics import CapacityWarning, check_drop_counts
+from hiermoe_jax.errors import fail
 from hiermoe_jax.swap import SearchConfig, SwapController
 from models import data as data_lib
 from models.checkpoint import CheckpointError, Checkpointer
-from models.config import Config, ConfigError, as_run_keys
+from models.config import Config, ConfigError, ModelConfig, as_run_keys
 from models.metrics import MetricsLog, ProgressBar, step_record
 from models.steps import Model, TrainState, nonfinite_leaves, placements_of, with_placements
+from models.transformer import block_site
 
 
 DROP_WARNING_EVERY = 100  # steps between two capacity-drop warnings
@@ -125,24 +129,78 @@ def swap_controller(cfg: Config, model: Model) -> SwapController | None:
       migration=tc.swap_migration_cost)
   return SwapController(search_config, model.mesh, tc.swap_interval,
                         window=tc.swap_window or tc.swap_interval,
-                        expert_path=lambda layer: ("blocks", layer, "ffn"))
+                        expert_path=lambda layer: (layer,))  # in `expert_view`'s tree
+
+
+def _key(entry):
+  return getattr(entry, "key", getattr(entry, "name", None))
+
+
+def expert_sites(model_cfg: ModelConfig, layers, tree) -> list[tuple[int, int, int | None]]:
+  """(leaf index, MoE layer, row) of the expert leaves of `layers` in `tree` (params,
+  optimizer state): a leaf under the layer's block subtree (`block_site`) then a key
+  "experts"; row None when the leaf is the layer's own [E, ...] stack, else its row of
+  a scanned run's [layers, E, ...] one."""
+  subtrees = {}  # keys of a block subtree + ("ffn",) -> [(layer, row)]
+  for layer in layers:
+    keys, row = block_site(model_cfg, layer)
+    subtrees.setdefault(keys + ("ffn",), []).append((layer, row))
+  sites = []
+  for n, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
+    keys = tuple(_key(k) for k in path)
+    for prefix, layers in subtrees.items():
+      at = next((i for i in range(len(keys)) if keys[i:i + len(prefix)] == prefix), None)
+      if at is not None and "experts" in keys[at + len(prefix):]:
+        sites += [(n, layer, row) for layer, row in layers]
+  return sites
+
+
+@functools.cache
+def _row_fns(sharding, row_sharding):
+  """jitted (stack, row) -> stack[row] and (stack, row, value) -> stack with that row
+  replaced (in place: the stack is donated), in the given shardings."""
+  take = jax.jit(lambda x, row: jax.lax.dynamic_index_in_dim(x, row, 0, keepdims=False),
+                 out_shardings=row_sharding)
+  put = jax.jit(lambda x, row, value: jax.lax.dynamic_update_index_in_dim(x, value, row, 0),
+                donate_argnums=0, out_shardings=sharding)
+  return take, put
+
+
+def _row_sharding(leaf):
+  return NamedSharding(leaf.sharding.mesh, P(*leaf.sharding.spec[1:]))
 
 
 def _swap(model: Model, controller, done: int, state: TrainState, topk_ids) -> tuple:
   """Observes this step's routing; at a decision step migrates experts (params and
-  optimizer state together) and writes the new placements into the buffers."""
+  optimizer state together) and writes the new placements into the buffers.
+
+  The controller sees each layer's expert leaves as [E, ...] stacks, {layer:
+  {"experts": {leaf index: leaf}}}: the state's own leaves when unrolled; with scanned
+  layers, each layer's row of the [layers, E, ...] leaves (a copy of every MoE layer's
+  expert state for the decision), written back in place for the layers that moved."""
   for layer, ids in zip(model.moe_layers, topk_ids):
     controller.observe(layer, ids)
   if not controller.due(done):
     return state, []
-  placements = placements_of(state.buffers, model.moe_layers)
-  (params, opt_state), new, events = controller.maybe_swap(
-      done, (state.params, state.opt_state), placements)
+  placements = placements_of(state.buffers, model.moe_layers, model.cfg.model)
+  leaves, treedef = jax.tree_util.tree_flatten((state.params, state.opt_state))
+  sites = expert_sites(model.cfg.model, model.moe_layers, (state.params, state.opt_state))
+  view = {layer: {"experts": {}} for layer in model.moe_layers}
+  for n, layer, row in sites:
+    take = None if row is None else _row_fns(leaves[n].sharding, _row_sharding(leaves[n]))[0]
+    view[layer]["experts"][n] = leaves[n] if row is None else take(leaves[n], row)
+  view, new, events = controller.maybe_swap(done, view, placements)
   if not events:
     return state, events
   changed = {e["layer"]: new[e["layer"]] for e in events}
+  for n, layer, row in sites:
+    if layer in changed:
+      value = view[layer]["experts"][n]
+      put = None if row is None else _row_fns(leaves[n].sharding, _row_sharding(leaves[n]))[1]
+      leaves[n] = value if row is None else put(leaves[n], row, value)
+  params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
   state = state.replace(params=params, opt_state=opt_state,
-                        buffers=with_placements(state.buffers, changed))
+                        buffers=with_placements(state.buffers, changed, model.cfg.model))
   return state, events
 
 
@@ -231,10 +289,31 @@ def save_checkpoint(checkpointer: Checkpointer, step: int, state: TrainState, me
   checkpointer.save(step, state, {**meta, "data_position": step}, swap_windows=windows)
 
 
+def check_layout(model: Model, checkpointer: Checkpointer) -> None:
+  """Refuses to resume checkpoints whose blocks are in the other state layout (stacked
+  per run with model.scan_layers, else one subtree per layer): they would not read
+  back, and restore_latest would call them damaged. A record without the key predates
+  scanning: unrolled."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return
+  try:
+    saved = checkpointer.read_meta(step)["config"]["model"].get("scan_layers", False)
+  except Exception:  # an unreadable step: restore_latest reports and skips it
+    return
+  if saved != model.cfg.model.scan_layers:
+    fail("model.scan_layers", model.cfg.model.scan_layers,
+         f"the checkpoints in {checkpointer.directory} hold the other state layout "
+         f"(written with model.scan_layers={str(saved).lower()}); resume with "
+         f"--set model.scan_layers={str(saved).lower()}")
+
+
 def _resume(model: Model, checkpointer: Checkpointer, controller: SwapController | None,
             lead: bool) -> tuple[TrainState, int]:
   """The newest checkpoint that reads back (its swap window restored into
   `controller`), or a fresh state at step 0."""
+  check_layout(model, checkpointer)
+
   def check(step, meta):
     if meta.get("data_position") != step:
       raise CheckpointError(f"it records data_position={meta.get('data_position')}")

@@ -26,7 +26,8 @@ from models import cli
 from models.checkpoint import Checkpointer
 from models.config import load_config
 from models.metrics import read_metrics
-from models.train_loop import run
+from models.train_loop import expert_sites, run
+from models.transformer import layer_state
 from helpers import shared_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -191,7 +192,8 @@ def test_deepseek_style_layers_update_and_checkpoint_router_biases(tmp_path, cac
   result = run(cfg, tmp_path, verbose=False)
   (record,) = result.records
   assert record["strategy"] == ["hier_dedup"] and len(record["imbalance"]) == 1
-  bias = np.asarray(result.state.buffers["blocks"][1]["ffn"]["router_bias"][...])
+  moe_layer = lambda state: layer_state(state.buffers, cfg.model, 1)["ffn"]  # either layout
+  bias = np.asarray(moe_layer(result.state)["router_bias"][...])
   assert set(np.round(bias / rate).astype(int).tolist()) <= {-1, 0, 1}
   assert np.any(bias > 0) and np.any(bias < 0)
   param_paths = [jax.tree_util.keystr(path) for path, _ in
@@ -204,8 +206,8 @@ def test_deepseek_style_layers_update_and_checkpoint_router_biases(tmp_path, cac
     saved = checkpointer.restore(1, Model(cfg, run_mesh(cfg)).abstract_state()).state
   finally:
     checkpointer.close()
-  np.testing.assert_array_equal(saved.buffers["blocks"][1]["ffn"]["router_bias"][...], bias)
-  np.testing.assert_array_equal(saved.buffers["blocks"][1]["ffn"]["placement"][...],
+  np.testing.assert_array_equal(moe_layer(saved)["router_bias"][...], bias)
+  np.testing.assert_array_equal(moe_layer(saved)["placement"][...],
                                 np.arange(cfg.moe.num_experts))
 
 
@@ -243,22 +245,26 @@ def test_expert_swaps_follow_the_same_trajectory(reference, tmp_path):
   final_events = [e for r in records if r["step"] <= steps for e in r["swaps"]]
   logical = {}  # layer -> slot of each logical expert
   for layer in (0, 1):
-    placement = np.asarray(swapped.buffers["blocks"][layer]["ffn"]["placement"][...])
+    placement = np.asarray(layer_state(swapped.buffers, cfg.model, layer)["ffn"]["placement"][...])
     np.testing.assert_array_equal(placement, replayed[layer])
     logical[layer] = np.argsort(placement)
-    final = result.state.buffers["blocks"][layer]["ffn"]["placement"][...]
+    final = layer_state(result.state.buffers, cfg.model, layer)["ffn"]["placement"][...]
     assert np.array_equal(final, np.arange(16)) == all(e["layer"] != layer
                                                        for e in final_events)
-  moved = 0
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path((swapped.params,
-                                                                swapped.opt_state))[0],
-                          jax.tree_util.tree_leaves((plain.params, plain.opt_state))):
-    name, a = jax.tree_util.keystr(path), np.asarray(a)
-    for layer in (0, 1):
-      if f"['blocks'][{layer}]['ffn']['params']['experts']" in name:
-        a, moved = a[logical[layer]], moved + 1
+  # Expert leaves in logical order: a layer's [E, ...] leaf, or its row of a scanned run's.
+  tree = (swapped.params, swapped.opt_state)
+  names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  got = [np.array(x) for x in jax.tree.leaves(tree)]
+  sites = expert_sites(cfg.model, [0, 1], tree)
+  for n, layer, row in sites:
+    assert "['ffn']['params']['experts']" in names[n]
+    if row is None:
+      got[n] = got[n][logical[layer]]
+    else:
+      got[n][row] = got[n][row][logical[layer]]
+  assert len(sites) == 2 * 3 * 3  # 2 layers x (gate, up, down) x (param, mu, nu)
+  for name, a, b in zip(names, got, jax.tree.leaves((plain.params, plain.opt_state))):
     np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=name)
-  assert moved == 2 * 3 * 3  # 2 layers x (gate, up, down) x (param, mu, nu)
 
 
 def test_resumed_swaps_decide_as_uninterrupted_ones(tmp_path):
