@@ -20,13 +20,11 @@ def test_ragged_path_exports_for_cuda(strategy):
                     shape=shape, capacity_factor=1.25, dropless=False)
   layout = exchange.Layout(shape, experts, ragged=True)
 
-  def stand_in_experts(rows, slots, w):  # one weighted vector per row, like pre-reduce
-    return rows * jnp.sum(w, -1, keepdims=True).astype(rows.dtype), jnp.int32(0)
-
   def device_fn(x, slots, w):
-    y, _ = exchange.run(x, slots, w, strategy=get_strategy(strategy), hop_caps=caps.hops,
-                        layout=layout, expert_fn=stand_in_experts)
-    return y
+    rows, _, row_w, handle = exchange.dispatch(x, slots, w, get_strategy(strategy),
+                                               capacities=caps.hops, layout=layout)
+    # Stand-in experts: one weighted vector per row, like pre-reduce.
+    return exchange.combine(rows * jnp.sum(row_w, -1, keepdims=True).astype(rows.dtype), handle)
 
   spec = sharded_rows(2)
   fn = jax.shard_map(device_fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
