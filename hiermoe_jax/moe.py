@@ -31,7 +31,7 @@ from hiermoe_jax.dispatch.capacity import capacities
 from hiermoe_jax.errors import ConfigError
 from hiermoe_jax.experts import local_experts, shared_experts
 from hiermoe_jax.mesh import MeshShape
-from hiermoe_jax.params import param_specs
+from hiermoe_jax.params import check_params, check_router_bias, param_specs
 from hiermoe_jax.validate import check_placement, shape_of, validate_for_mesh, validate_tokens
 
 
@@ -190,6 +190,10 @@ def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
   router_bias: the DeepSeek-V3 selection bias [E] (state from `init_router_bias`).
   """
   shape = validate_for_mesh(config, mesh)
+  check_params(params, config)
+  check_router_bias(router_bias, config)
+  if router_bias is not None:
+    router_bias = jnp.asarray(router_bias, jnp.float32)
   if placement is not None:
     placement = check_placement(placement, config.num_experts)
   validate_tokens(math.prod(x.shape[:-1]), x.shape[-1], config, shape)

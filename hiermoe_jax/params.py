@@ -153,8 +153,9 @@ def check_router_bias(router_bias, config: MoEConfig, name: str = "router_bias")
   """None, or a real array [num_experts] (logical order; a list too). Runs under jit."""
   if router_bias is None:
     return
-  shape = tuple(jnp.shape(router_bias))
-  dtype = router_bias.dtype if hasattr(router_bias, "dtype") else np.asarray(router_bias).dtype
+  if not hasattr(router_bias, "dtype"):  # a list: jnp.shape refuses those
+    router_bias = np.asarray(router_bias)
+  shape, dtype = tuple(router_bias.shape), router_bias.dtype
   real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
   if shape != (config.num_experts,) or not real:
     raise ValueError(f"{name} has shape {shape} and dtype {dtype}, expected shape "

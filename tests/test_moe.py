@@ -144,3 +144,17 @@ def test_placement_may_be_a_list():
   y_list, _ = hm.moe_apply(params, x, config=config, mesh=mesh, placement=placement.tolist())
   y_array, _ = hm.moe_apply(params, x, config=config, mesh=mesh, placement=placement)
   np.testing.assert_array_equal(np.asarray(y_list), np.asarray(y_array))
+
+
+def test_params_and_router_bias_of_another_config_are_clear_errors():
+  mesh = mesh_of("2x4")
+  config = router_config("sigmoid_grouped")
+  params, x, _, bias = random_inputs(config, mesh)
+  other = config.replace(d_ff=20)  # same experts, another width: must not run silently
+  with pytest.raises(ValueError, match=r"params\['experts'\]\['gate'\] has shape"):
+    hm.moe_apply(params, x, config=other, mesh=mesh, router_bias=bias)
+  with pytest.raises(ValueError, match="router_bias"):
+    hm.moe_apply(params, x, config=config, mesh=mesh, router_bias=bias[:8])
+  y_list, _ = hm.moe_apply(params, x, config=config, mesh=mesh, router_bias=bias.tolist())
+  y, _ = hm.moe_apply(params, x, config=config, mesh=mesh, router_bias=bias)
+  np.testing.assert_array_equal(np.asarray(y_list), np.asarray(y))
