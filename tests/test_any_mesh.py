@@ -12,7 +12,7 @@ from jax.sharding import AxisType
 import hiermoe_jax as hm
 from hiermoe_jax.errors import ConfigError
 from hiermoe_jax.mesh import MeshShape
-from helpers import check_against_reference, router_config
+from helpers import assert_trees_close, check_against_reference, router_config
 
 # (mesh axes, expert_axes, tensor_axis, batch_axes)
 ROLES = {
@@ -86,3 +86,28 @@ def test_bad_roles_are_clear_errors():
   with pytest.raises(ConfigError, match="MoEConfig.d_ff=25 is invalid: must be a multiple of "
                                         "the 2 devices of tensor_axis='data'"):
     hm.init_params(jax.random.key(0), config, mesh)
+
+
+def test_shells_in_a_larger_mesh_equal_the_functional_core():
+  """hm.MoE (NNX) and hm.linen.MoE in a (data, expert, tensor) mesh: variables on
+  the mesh with their roles' specs, outputs equal to moe_apply on the same weights."""
+  from flax import linen as nn
+  from flax import nnx
+  mesh = _mesh(("data", "expert", "tensor"))
+  config = router_config("softmax", dispatch="flat_dedup", expert_axes=("expert",),
+                         tensor_axis="tensor")
+  x = jax.random.normal(jax.random.key(1), (16, config.d_model))
+  layer = hm.MoE(config, mesh=mesh, rngs=nnx.Rngs(0))
+  params = jax.tree.map(lambda p: p[...], layer.params,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+  assert params["experts"]["gate"].sharding.spec == jax.sharding.PartitionSpec(
+      ("expert",), None, "tensor")
+  y = layer(x)
+  y_core, _ = hm.moe_apply(params, x, config=config, mesh=mesh)
+  assert_trees_close(y, y_core)
+  module = hm.linen.MoE(config, mesh)
+  variables = module.init(jax.random.key(0), x)
+  y_linen, _ = module.apply(variables, x, mutable=["intermediates"])
+  assert nn.unbox(variables["params"])["experts/down"].sharding.spec == (
+      jax.sharding.PartitionSpec(("expert",), "tensor", None))
+  assert y_linen.shape == x.shape
