@@ -30,6 +30,7 @@ from hiermoe_jax.errors import (ConfigError, check_bool, check_choice, check_int
 from hiermoe_jax.mesh import AXES
 
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+DENSE_SHARDINGS = ("replicated", "fsdp", "hsdp")  # model.dense_sharding (models/steps.py)
 # model.attention / model.remat names (models/transformer.py maps them to kernels and
 # jax.checkpoint policies).
 ATTENTION = ("auto", "xla", "cudnn", "pallas")
@@ -70,6 +71,10 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"  # activation dtype of attention and dense layers
   param_dtype: str = "float32"
+  # Dense (non-expert) weights and their AdamW moments: "replicated", "fsdp" (split over
+  # all devices) or "hsdp" (over each node's devices, replicated across nodes: the
+  # all-gathers stay on the fast links). Expert stacks are expert-parallel in every case.
+  dense_sharding: str = "hsdp"
   # How the step runs; none of these changes the model's function or its init.
   # attention kernel: auto = cuDNN flash attention on GPU meshes when cuDNN is installed
   # (half dtypes), else Pallas Triton flash attention there; XLA's elsewhere.
@@ -104,6 +109,7 @@ class ModelConfig:
     _check_fields(check_bool, "model", self, ("qk_norm", "tie_embeddings", "scan_layers"),
                   "true/false")
     _check_fields(check_choice, "model", self, ("dtype", "param_dtype"), DTYPES)
+    check_choice("model.dense_sharding", self.dense_sharding, DENSE_SHARDINGS)
     check_choice("model.attention", self.attention, ATTENTION)
     check_choice("model.remat", self.remat, REMAT)
     if self.attention == "cudnn" and self.dtype == "float32":
@@ -144,13 +150,19 @@ class TrainConfig:
   on_nan: str = "stop"  # NaN/Inf loss or gradients: "stop" the run or "skip" the update
   nan_skip_limit: int = 10  # on_nan=skip: stop after this many skips in a row (0 = never)
   drop_warning: float = 0.01  # warn when a layer drops more than this fraction of its pairs
+  microbatches: int = 1  # gradient accumulation: the global batch in this many slices
+  loss_chunk: int = 512  # sequence positions the loss unembeds at a time (0 = all at once)
 
   def __post_init__(self):
     _check_fields(check_int, "train", self,
                   ("batch_size", "seq_len", "steps", "eval_batches", "keep"))
     _check_fields(check_int, "train", self,
                   ("warmup_steps", "eval_every", "checkpoint_every", "swap_interval",
-                   "swap_window", "swap_max_pairs", "nan_skip_limit"), low=0)
+                   "swap_window", "swap_max_pairs", "nan_skip_limit", "loss_chunk"), low=0)
+    check_int("train.microbatches", self.microbatches)
+    if self.batch_size % self.microbatches:
+      fail("train.microbatches", self.microbatches,
+           f"must divide train.batch_size={self.batch_size}")
     check_int("train.seed", self.seed, low=0, high=SEED_LIMIT - 1)
     check_real("train.lr", self.lr, 0, strict=True)
     _check_interval("train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1)

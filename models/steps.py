@@ -7,6 +7,15 @@ static graphdef. Steps are pure functions of (TrainState, batch).
 Sharded initialisation never materialises an unsharded copy: eval_shape gives the
 abstract state, its PartitionSpecs give the shardings, and jit with those
 out_shardings builds each shard on its own device.
+
+Memory at scale:
+- model.dense_sharding: the dense (non-expert) parameters and their AdamW moments are
+  split over the devices (`dense_shardings`); XLA all-gathers each weight where it is
+  used and reduce-scatters its gradient. Expert stacks keep their expert-parallel split.
+- train.loss_chunk: the loss unembeds a chunk of positions at a time (models/loss.py).
+- train.microbatches: the global batch is split and the gradients accumulated in a
+  lax.scan; the router-bias update and the swap statistics see every microbatch's
+  routing, so a dropless step equals the full-batch one.
 """
 
 from __future__ import annotations
@@ -20,13 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import hiermoe_jax as hm
 from hiermoe_jax import mesh as mesh_lib
+from hiermoe_jax.errors import fail
+from models import loss as loss_lib
 from models.config import Config, ModelConfig
 from models.optimizer import applied_updates, learning_rate, make_optimizer
-from models.transformer import Transformer, block_site, layer_state, moe_aux_by_layer
+from models.transformer import Transformer, block_site, is_stacked, layer_state, moe_aux_by_layer
 
 
 @flax.struct.dataclass
@@ -56,6 +66,41 @@ class StepMetrics:
   topk_ids: tuple = ()
 
 
+@flax.struct.dataclass
+class MoEStats:
+  """What a step reads of each MoE layer's aux (tuples, one entry per MoE layer), summed
+  over microbatches: counts and drops add up, dedup rates are averaged at the end."""
+  expert_counts: tuple  # int32 [E] each
+  dropped: tuple  # int32
+  dedup_node: tuple  # float32
+  dedup_device: tuple  # float32
+  strategy_index: tuple  # int32; the last microbatch's
+
+  @classmethod
+  def of(cls, auxes) -> MoEStats:
+    field = lambda get, dtype: tuple(get(a).astype(dtype) for a in auxes)
+    return cls(expert_counts=field(lambda a: a.expert_counts, jnp.int32),
+               dropped=field(lambda a: a.dropped, jnp.int32),
+               dedup_node=field(lambda a: a.dedup_rate["node"], jnp.float32),
+               dedup_device=field(lambda a: a.dedup_rate["device"], jnp.float32),
+               strategy_index=field(lambda a: a.strategy_index, jnp.int32))
+
+  @classmethod
+  def zeros(cls, layers: int, num_experts: int) -> MoEStats:
+    scalar = lambda dtype: (jnp.zeros((), dtype),) * layers
+    return cls(expert_counts=(jnp.zeros((num_experts,), jnp.int32),) * layers,
+               dropped=scalar(jnp.int32), dedup_node=scalar(jnp.float32),
+               dedup_device=scalar(jnp.float32), strategy_index=scalar(jnp.int32))
+
+  def add(self, other: MoEStats) -> MoEStats:
+    add = lambda a, b: tuple(x + y for x, y in zip(a, b))
+    return MoEStats(expert_counts=add(self.expert_counts, other.expert_counts),
+                    dropped=add(self.dropped, other.dropped),
+                    dedup_node=add(self.dedup_node, other.dedup_node),
+                    dedup_device=add(self.dedup_device, other.dedup_device),
+                    strategy_index=other.strategy_index)
+
+
 class Model:
   """Static pieces shared by the steps: config, mesh, graphdef, optimizer."""
 
@@ -67,7 +112,8 @@ class Model:
     self.moe_layers = nnx.merge(self.graphdef, abstract).moe_layers  # Transformer's
     abs_params, abs_buffers = nnx.split_state(abstract, nnx.Param, ...)
     replicated = NamedSharding(mesh, mesh_lib.replicated())
-    param_sh = _shardings(abs_params)
+    self.param_shardings = param_sh = dense_shardings(abs_params, mesh,
+                                                       cfg.model.dense_sharding)
     opt_sh = optax.tree_map_params(
         self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, abs_params), param_sh,
         transform_non_params=lambda _: replicated,
@@ -75,6 +121,10 @@ class Model:
     self.state_shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
                                       buffers=_shardings(abs_buffers), rng=replicated)
     self.batch_sharding = NamedSharding(mesh, mesh_lib.sharded_rows(2))
+    rows, micro = cfg.train.batch_size // mesh.devices.size, cfg.train.microbatches
+    if cfg.train.batch_size % mesh.devices.size == 0 and rows % micro:
+      fail("train.microbatches", micro, f"must divide the {rows} rows per device "
+           f"(train.batch_size={cfg.train.batch_size} over {mesh.devices.size} devices)")
 
   def _new_model(self) -> Transformer:
     return Transformer(self.cfg.model, self.cfg.moe, mesh=self.mesh,
@@ -99,42 +149,92 @@ class Model:
 
   # ------------------------------------------------------------------ steps
 
-  def _forward(self, params, buffers, inputs_BS):
-    model = nnx.merge(self.graphdef, params, buffers)
-    logits_BSV, intermediates = nnx.capture(model, nnx.Intermediate)(inputs_BS)
-    auxes = moe_aux_by_layer(intermediates)
-    return logits_BSV, auxes
-
   def _loss(self, params, buffers, inputs_BS, targets_BS):
-    logits_BSV, auxes = self._forward(params, buffers, inputs_BS)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS).mean()
+    """(CE + aux loss, (CE, aux loss, MoEStats, routing ids per layer or ())) of a batch."""
+    model = nnx.merge(self.graphdef, params, buffers)
+    hidden_BSD, intermediates = nnx.capture(model.hidden, nnx.Intermediate)(inputs_BS)
+    auxes = moe_aux_by_layer(intermediates)
+    ce = loss_lib.cross_entropy(hidden_BSD, targets_BS, model.logits_of,
+                                self.cfg.train.loss_chunk)
     aux_loss = sum((a.aux_loss for a in auxes), jnp.float32(0))
-    return ce + aux_loss, (ce, aux_loss, auxes)
+    topk_ids = tuple(a.topk_ids for a in auxes) if self.cfg.train.swap_interval else ()
+    return ce + aux_loss, (ce, aux_loss, MoEStats.of(auxes), topk_ids)
+
+  def _gradients(self, params, buffers, inputs_BS, targets_BS):
+    """(CE, aux loss, float32 grads, MoEStats, routing ids) of the global batch, over
+    train.microbatches slices of it: losses and grads are the microbatches' means."""
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    micro = self.cfg.train.microbatches
+    if micro == 1:
+      (_, (ce, aux_loss, stats, topk_ids)), grads = grad_fn(params, buffers, inputs_BS,
+                                                            targets_BS)
+      return ce, aux_loss, self._constrain_grads(grads), stats, topk_ids
+
+    def body(acc, batch):
+      (_, (ce, aux_loss, stats, topk_ids)), grads = grad_fn(params, buffers, *batch)
+      grads = self._constrain_grads(jax.tree.map(
+          lambda a, g: a + g.astype(jnp.float32), acc[0], grads))
+      return (grads, acc[1] + ce, acc[2] + aux_loss, acc[3].add(stats)), topk_ids
+
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+             jnp.float32(0), jnp.float32(0),
+             MoEStats.zeros(len(self.moe_layers), self.cfg.moe.num_experts))
+    (grads, ce, aux_loss, stats), topk_ids = jax.lax.scan(
+        body, (self._constrain_grads(zeros[0]), *zeros[1:]),
+        (self._microbatches(inputs_BS), self._microbatches(targets_BS)))
+    grads = jax.tree.map(lambda g: g / micro, grads)
+    stats = stats.replace(dedup_node=tuple(x / micro for x in stats.dedup_node),
+                          dedup_device=tuple(x / micro for x in stats.dedup_device))
+    topk_ids = tuple(self._merge_microbatch_rows(ids) for ids in topk_ids)
+    return ce / micro, aux_loss / micro, grads, stats, topk_ids
+
+  def _constrain_grads(self, grads):
+    """Gradients in the parameters' layout: with sharded dense weights XLA reduce-scatters
+    them (and a microbatch accumulator stays sharded)."""
+    return jax.lax.with_sharding_constraint(grads, self.param_shardings)
+
+  def _microbatches(self, x_BS):
+    """[B, S] -> [M, B / M, S]: microbatch m holds global rows i * M + m, so each device
+    keeps its own rows (a reshape and transpose, no communication)."""
+    micro = self.cfg.train.microbatches
+    b, s = x_BS.shape
+    x_MBS = x_BS.reshape(b // micro, micro, s).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(
+        x_MBS, NamedSharding(self.mesh, P(None, *self.batch_sharding.spec)))
+
+  def _merge_microbatch_rows(self, ids_MTK):
+    """Per-microbatch routing ids [M, B / M * S, K] -> [B * S, K] in the global batch's
+    token order (what the swap controller reads of a full-batch step)."""
+    micro, tokens, k = ids_MTK.shape
+    devices = self.mesh.devices.size
+    rows = self.cfg.train.batch_size // (micro * devices)  # per device and microbatch
+    seq = tokens // (rows * devices)
+    ids = ids_MTK.reshape(micro, devices, rows, seq, k).transpose(1, 2, 0, 3, 4)
+    return ids.reshape(micro * tokens, k)
 
   def train_step(self, state: TrainState, inputs_BS, targets_BS):
-    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-    (_, (ce, aux_loss, auxes)), grads = grad_fn(state.params, state.buffers, inputs_BS,
-                                                targets_BS)
+    ce, aux_loss, grads, stats, topk_ids = self._gradients(state.params, state.buffers,
+                                                           inputs_BS, targets_BS)
     grad_norm = optax.tree.norm(grads)
     # A NaN or Inf in any gradient makes the norm non-finite: three scalars cover the step.
     finite = jnp.isfinite(ce) & jnp.isfinite(aux_loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    buffers = self._update_router_biases(params, state.buffers, auxes)
+    buffers = self._update_router_biases(params, state.buffers, stats.expert_counts)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     devices = self.mesh.devices.size
     placements = placements_of(state.buffers, self.moe_layers, self.cfg.model).values()
     metrics = StepMetrics(
         loss=ce, aux_loss=aux_loss, grad_norm=grad_norm,
         lr=self.schedule(applied_updates(state.opt_state)),  # the lr this update uses
-        dedup_node=_stack([a.dedup_rate["node"] for a in auxes]),
-        dedup_device=_stack([a.dedup_rate["device"] for a in auxes]),
-        dropped=_stack([a.dropped for a in auxes]),
-        imbalance=_stack([imbalance(a.expert_counts, p, devices)
-                          for a, p in zip(auxes, placements)]),
-        strategy_index=_stack([a.strategy_index for a in auxes]),
+        dedup_node=_stack(stats.dedup_node),
+        dedup_device=_stack(stats.dedup_device),
+        dropped=_stack(stats.dropped),
+        imbalance=_stack([imbalance(c, p, devices)
+                          for c, p in zip(stats.expert_counts, placements)]),
+        strategy_index=_stack(stats.strategy_index),
         finite=finite,
-        topk_ids=tuple(a.topk_ids for a in auxes) if self.cfg.train.swap_interval else ())
+        topk_ids=topk_ids)
     # A non-finite step consumes its batch (step and rng advance) but keeps the old
     # params, optimizer state and buffers: a select, so the donated state stays valid.
     kept = _select(finite, (params, opt_state, buffers),
@@ -144,13 +244,19 @@ class Model:
     return new_state, metrics
 
   def eval_step(self, state: TrainState, inputs_BS, targets_BS):
-    logits_BSV, _ = self._forward(state.params, state.buffers, inputs_BS)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS).mean()
+    """Mean CE of the batch, over train.microbatches slices as the train step splits it."""
+    def ce(batch):
+      return self._loss(state.params, state.buffers, *batch)[1][0]
+    if self.cfg.train.microbatches == 1:
+      return ce((inputs_BS, targets_BS))
+    return jax.lax.map(ce, (self._microbatches(inputs_BS),
+                            self._microbatches(targets_BS))).mean()
 
-  def _update_router_biases(self, params, buffers, auxes):
-    """DeepSeek's aux-loss-free bias update with this step's expert counts."""
+  def _update_router_biases(self, params, buffers, expert_counts):
+    """DeepSeek's aux-loss-free bias update with this step's expert counts (every
+    microbatch's)."""
     model = nnx.merge(self.graphdef, params, buffers)
-    model.update_router_biases([aux.expert_counts for aux in auxes])
+    model.update_router_biases(expert_counts)
     return nnx.state(model, nnx.Not(nnx.Param))
 
   @functools.cached_property
@@ -223,3 +329,37 @@ def _stack(values):
 
 def _shardings(abstract_state):
   return jax.tree.map(lambda a: a.sharding, abstract_state)
+
+
+# Mesh axes model.dense_sharding splits the dense parameters over.
+DENSE_AXES = {"replicated": (), "fsdp": mesh_lib.AXES, "hsdp": (mesh_lib.LOCAL,)}
+
+
+def dense_spec(shape: tuple[int, ...], axes: tuple[str, ...], size: int) -> P:
+  """`axes` (`size` devices) on the largest dim of `shape` they divide (the first of
+  equals); replicated for vectors (norm scales: too small to be worth a collective) and
+  for matrices no dim of which they divide."""
+  dims = [i for i, n in enumerate(shape) if n % size == 0]
+  if size == 1 or len(shape) < 2 or not dims:
+    return P()
+  dim = max(dims, key=lambda i: (shape[i], -i))
+  return P(*[(axes if len(axes) > 1 else axes[0]) if i == dim else None
+             for i in range(len(shape))])
+
+
+def dense_shardings(abstract_params, mesh: Mesh, mode: str):
+  """The parameters' NamedShardings under model.dense_sharding=`mode`: leaves that carry
+  a split already (expert stacks, expert-parallel) keep it; the dense ones get
+  `dense_spec` over DENSE_AXES[mode]: fsdp all devices, hsdp each node's devices
+  (replicated across nodes: the all-gathers stay on the fast links). The leading layer
+  axis of scanned blocks (`transformer.is_stacked`) is never split."""
+  axes = DENSE_AXES[mode]
+  size = int(np.prod([mesh.shape[a] for a in axes]))
+
+  def place(path, a):
+    if any(part is not None for part in a.sharding.spec):
+      return a.sharding
+    lead = 1 if is_stacked(path) else 0
+    spec = dense_spec(a.shape[lead:], axes, size)
+    return NamedSharding(mesh, P(*[None] * lead, *spec) if spec else P())
+  return jax.tree_util.tree_map_with_path(place, abstract_params)
