@@ -209,6 +209,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([^\]]*)\]")
 _EXPLICIT = re.compile(r"(?:replica_groups|source_target_pairs)=(\{(?:\{[\d,\s]*\},?\s*)*\})")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_NAMED_MESH = re.compile(
+    r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(([^ ]*)\))?\s*\{([^}]*)\}")
 _IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 
 
@@ -224,9 +226,31 @@ def shape_bytes(shape: str) -> int:
   return (bits + 7) // 8
 
 
+def _named_mesh_groups(m, num_devices: int) -> list[list[int]]:
+  """`mesh['a'=4,'b'=2], device_ids=([2,4]T(1,0)) {'a'}`: the mesh's devices (an iota,
+  reshaped and transposed, in mesh order), grouped along the named axes."""
+  sizes = [int(v) for v in re.findall(r"=(\d+)", m[1])]
+  names = re.findall(r"'(\w+)'=", m[1])
+  ids = np.arange(num_devices)
+  if m[2]:
+    iota = re.fullmatch(r"\[([\d,]+)\](?:<=\[([\d,]+)\])?(?:T\(([\d,]+)\))?", m[2])
+    dims = [int(v) for v in (iota[2] or iota[1]).split(",")]
+    ids = ids.reshape(dims)
+    if iota[3]:
+      ids = ids.transpose([int(v) for v in iota[3].split(",")])
+  ids = ids.reshape(sizes)
+  spanned = [names.index(a) for a in re.findall(r"'(\w+)'", m[3])]
+  rest = [i for i in range(len(sizes)) if i not in spanned]
+  return ids.transpose(rest + spanned).reshape(
+      -1, math.prod(sizes[i] for i in spanned)).tolist()
+
+
 def replica_groups(attrs: str, num_devices: int) -> list[list[int]]:
   """Groups of logical ids from an HLO attribute string: `{{0,1},{2,3}}`, `{}` (all
-  devices), or iota `[G,S]<=[d0,d1,...]T(perm)` (iota reshaped, transposed, regrouped)."""
+  devices), iota `[G,S]<=[d0,d1,...]T(perm)` (iota reshaped, transposed, regrouped),
+  or the named-mesh form `mesh[...], device_ids=(...) {axes}`."""
+  if m := _NAMED_MESH.search(attrs):
+    return _named_mesh_groups(m, num_devices)
   if m := _IOTA.search(attrs):
     shape, dims = [int(v) for v in m[1].split(",")], [int(v) for v in m[2].split(",")]
     ids = np.arange(math.prod(dims)).reshape(dims)

@@ -130,3 +130,12 @@ def test_errors_name_the_argument(monkeypatch):
                                         r'pip install -e "\.\[gpu-aot\]"') as error:
     gpu_aot.mesh("h200", 2, 8)
   assert "\n" not in str(error.value)
+
+
+def test_replica_groups_read_the_named_mesh_form():
+  """XLA may print groups as a named mesh, its device ids an iota, and the axes spanned."""
+  attrs = ("replica_groups=mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) "
+           "{'axis_0'}, dimensions={0}")
+  assert gpu_aot.replica_groups(attrs, 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert gpu_aot.replica_groups("replica_groups=mesh['a'=4,'b'=2] {'b'}", 8) == [
+      [0, 1], [2, 3], [4, 5], [6, 7]]

@@ -12,7 +12,6 @@ is a product of two batch means, not a mean over tokens, so it is per microbatch
 """
 
 import importlib.util
-import math
 import re
 
 import jax
@@ -139,29 +138,8 @@ def test_fsdp_and_hsdp_train_as_replicated(layouts):
 
 
 def _groups(attrs: str, devices: int) -> list[list[int]]:
-  """Replica groups of an HLO collective, including the named-mesh form
-  `mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_0'}` (the group spans
-  the named axes; device_ids is an iota, reshaped and transposed, in mesh order)."""
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(([^ ]*)\))?\s*\{([^}]*)\}",
-                attrs)
-  if m is None:
-    return sorted(sorted(g) for g in gpu_aot.replica_groups(attrs, devices))
-  sizes = [int(v) for v in re.findall(r"=(\d+)", m[1])]
-  names = re.findall(r"'(\w+)'=", m[1])
-  ids = np.arange(devices)
-  if m[2]:
-    iota = re.fullmatch(r"\[([\d,]+)\](?:<=\[([\d,]+)\])?(?:T\(([\d,]+)\))?", m[2])
-    shape = [int(v) for v in iota[1].split(",")]
-    dims = [int(v) for v in (iota[2] or iota[1]).split(",")]
-    ids = np.arange(devices).reshape(dims)
-    if iota[3]:
-      ids = ids.transpose([int(v) for v in iota[3].split(",")])
-    ids = ids.reshape(shape)
-  ids = ids.reshape(sizes)
-  spanned = [names.index(a) for a in re.findall(r"'(\w+)'", m[3])]
-  rest = [i for i in range(len(sizes)) if i not in spanned]
-  ids = ids.transpose(rest + spanned).reshape(-1, math.prod(sizes[i] for i in spanned))
-  return sorted(sorted(g) for g in ids.tolist())
+  """Replica groups of an HLO collective (gpu_aot's parser, the named-mesh form too)."""
+  return sorted(sorted(g) for g in gpu_aot.replica_groups(attrs, devices))
 
 
 def collectives(text: str, devices: int) -> list[dict]:
