@@ -31,14 +31,18 @@ def test_presets_load_and_validate(path):
 
 
 def test_presets_present():
-  assert {p.stem for p in PRESETS} >= {"tiny", "small", "qwen3_30b_a3b", "deepseek_v3_half"}
+  assert {p.stem for p in PRESETS} >= {"tiny", "small", "qwen3_30b_a3b", "deepseek_v3_moe_shapes"}
 
 
-def test_deepseek_v3_half_is_the_halved_variant():
-  cfg = load_config(ROOT / "configs" / "deepseek_v3_half.yaml")
-  assert (cfg.model.d_model, cfg.moe.d_ff, cfg.model.n_layers) == (7168 // 2, 2048 // 2, 6)
-  assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.router) == (256, 8, "sigmoid_grouped")
-  assert (cfg.moe.n_group, cfg.moe.topk_group, cfg.moe.n_shared_experts) == (8, 4, 1)
+def test_deepseek_v3_moe_shapes_preset_has_the_real_widths():
+  cfg = load_config(ROOT / "configs" / "deepseek_v3_moe_shapes.yaml")
+  m, moe = cfg.model, cfg.moe
+  assert (m.d_model, m.d_ff, m.first_k_dense, m.vocab_size) == (7168, 18432, 3, 129280)
+  assert (m.n_heads, m.resolved_kv_heads, m.resolved_head_dim) == (56, 56, 128)
+  assert (moe.num_experts, moe.top_k, moe.d_ff, moe.router) == (256, 8, 2048, "sigmoid_grouped")
+  assert (moe.n_group, moe.topk_group, moe.routed_scaling_factor) == (8, 4, 2.5)
+  assert moe.norm_topk_prob and (moe.n_shared_experts, moe.shared_width) == (1, 2048)
+  assert m.n_layers > m.first_k_dense  # dense layers, then MoE ones
 
 
 def test_qwen3_preset_matches_the_published_shape():

@@ -158,9 +158,9 @@ def test_plugin_missing_says_how_to_install(capsys, monkeypatch):
 
 
 def test_target_comment_is_the_default_cluster(tmp_path, capsys):
-  for preset in ("qwen3_30b_a3b", "deepseek_v3_half"):
+  for preset, mesh in (("qwen3_30b_a3b", (4, 8)), ("deepseek_v3_moe_shapes", (8, 8))):
     assert plan_lib.read_target(ROOT / "configs" / f"{preset}.yaml") == {
-        "gpu": "h200", "mesh": (4, 8)}
+        "gpu": "h200", "mesh": mesh}
   err = _one_line_error(capsys, ["--config", TINY, "--mesh", "2x8"])
   assert "--gpu is required: " in err and "'# target: gpu=... mesh=NxG'" in err
   bad = tmp_path / "bad.yaml"
