@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 
@@ -107,3 +108,12 @@ def shared_dir(tmp_path_factory) -> pathlib.Path:
   """A directory of this pytest session that every xdist worker sees."""
   base = tmp_path_factory.getbasetemp()
   return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+def skip_without_gpu_aot():
+  """Skips the calling test module when the gpu-aot extra (the CUDA plugin, which
+  compiles for compile-only GPU devices) is not installed."""
+  for module in ("jax_plugins.xla_cuda12", "jax_cuda12_plugin"):
+    if importlib.util.find_spec(module) is None:
+      pytest.skip(f"{module} is not installed (pip install -e '.[gpu-aot]')",
+                  allow_module_level=True)

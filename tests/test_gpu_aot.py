@@ -7,16 +7,10 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-# Without a local CUDA the plugin registers only if the platforms exclude cuda, and
-# jax discovers plugins once, at its first computation: so set it at collection.
-# (The suite is CPU-only; this is what JAX_PLATFORMS=cpu does.)
-if not jax.config.jax_platforms:
-  jax.config.update("jax_platforms", "cpu")
+from helpers import skip_without_gpu_aot
 
-for _module in ("jax_plugins.xla_cuda12", "jax_cuda12_plugin"):
-  if importlib.util.find_spec(_module) is None:
-    pytest.skip(f"{_module} is not installed (pip install -e '.[gpu-aot]')",
-                allow_module_level=True)
+# The CUDA plugin registers compile-only devices with JAX_PLATFORMS=cpu (conftest).
+skip_without_gpu_aot()
 
 import hiermoe_jax as hm  # noqa: E402
 from hiermoe_jax import gpu_aot, params as params_lib  # noqa: E402

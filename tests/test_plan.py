@@ -9,15 +9,10 @@ import re
 import jax
 import pytest
 
-# As in test_gpu_aot: the plugin registers only if the platforms exclude cuda, and jax
-# reads them at its first computation, so set them at collection.
-if not jax.config.jax_platforms:
-  jax.config.update("jax_platforms", "cpu")
+from helpers import skip_without_gpu_aot
 
-for _module in ("jax_plugins.xla_cuda12", "jax_cuda12_plugin"):
-  if importlib.util.find_spec(_module) is None:
-    pytest.skip(f"{_module} is not installed (pip install -e '.[gpu-aot]')",
-                allow_module_level=True)
+# The CUDA plugin registers compile-only devices with JAX_PLATFORMS=cpu (conftest).
+skip_without_gpu_aot()
 
 from hiermoe_jax import gpu_aot  # noqa: E402
 from hiermoe_jax.config import ConfigError  # noqa: E402
