@@ -371,15 +371,22 @@ def _block_iota(axis: int, block: int):
   return pl.program_id(axis) * block + _iota(block)
 
 
-def _permute_kernel(src_ref_S, x_ref_TD, out_blk, *, num_slots, block_rows, block_d):
-  """Grid (slot blocks, J): out[slots, cols] = x[src[slots], cols]."""
+def _gather_slot_block(token_ref_S, x_ref_TD, *, num_slots, block_rows, block_d):
+  """This program's (slot block, D block) of x[token[slot]], zeros where the slot is
+  padding or its token id is out of range. Returns (tile, slot_ok, col_ok)."""
   num_tokens, d = x_ref_TD.shape
   slots = _block_iota(0, block_rows)
   cols = _block_iota(1, block_d)
   slot_ok, col_ok = slots < num_slots, cols < d
-  src = _load_vec(src_ref_S, slots, slot_ok, other=-1)
-  valid = slot_ok & (src >= 0) & (src < num_tokens)
-  tile = _load_tile(x_ref_TD, src, valid, cols, col_ok)  # zeros on padding
+  token = _load_vec(token_ref_S, slots, slot_ok, other=-1)
+  valid = slot_ok & (token >= 0) & (token < num_tokens)
+  return _load_tile(x_ref_TD, token, valid, cols, col_ok), slot_ok, col_ok
+
+
+def _permute_kernel(src_ref_S, x_ref_TD, out_blk, *, num_slots, block_rows, block_d):
+  """Grid (slot blocks, J): out[slots, cols] = x[src[slots], cols]."""
+  tile, slot_ok, col_ok = _gather_slot_block(src_ref_S, x_ref_TD, num_slots=num_slots,
+                                             block_rows=block_rows, block_d=block_d)
   _store_tile(out_blk, tile, slot_ok, col_ok)
 
 
@@ -419,14 +426,11 @@ def _unpermute_bwd_kernel(dst_ref_S, w_ref_S, dy_ref_TD, buf_blk, dbuf_blk, dw_p
   Both cotangents need the same gathered dy tile, so one kernel reads dy and buf once instead
   of materialising the gathered dy and re-reading it.
   """
-  num_tokens, d = dy_ref_TD.shape
+  g, slot_ok, col_ok = _gather_slot_block(dst_ref_S, dy_ref_TD, num_slots=num_slots,
+                                         block_rows=block_rows, block_d=block_d)
+  g = g.astype(_ACC_DTYPE)
   slots = _block_iota(0, block_rows)
-  cols = _block_iota(1, block_d)
-  slot_ok, col_ok = slots < num_slots, cols < d
-  dst = _load_vec(dst_ref_S, slots, slot_ok, other=-1)
-  valid = slot_ok & (dst >= 0) & (dst < num_tokens)
   w = _load_vec(w_ref_S, slots, slot_ok, other=0).astype(_ACC_DTYPE)
-  g = _load_tile(dy_ref_TD, dst, valid, cols, col_ok).astype(_ACC_DTYPE)
   mask = slot_ok[:, None] & col_ok[None, :]
   b = plgpu.load(buf_blk, mask=mask, other=0).astype(_ACC_DTYPE)
   _store_tile(dbuf_blk, w[:, None] * g, slot_ok, col_ok)
