@@ -14,8 +14,8 @@ modules directly (`from hiermoe_jax.swap.search import stage_loads`).
 """
 
 from hiermoe_jax.swap.controller import SwapController, SwapError, experts_under
-from hiermoe_jax.swap.migrate import expert_leaf, migrate, migrate_many, plan_moves
+from hiermoe_jax.swap.migrate import expert_leaf, migrate, migrate_many, move_tables
 from hiermoe_jax.swap.search import SearchConfig, SwapPlan, search
 
 __all__ = ["SearchConfig", "SwapController", "SwapError", "SwapPlan", "expert_leaf",
-           "experts_under", "migrate", "migrate_many", "plan_moves", "search"]
+           "experts_under", "migrate", "migrate_many", "move_tables", "search"]
