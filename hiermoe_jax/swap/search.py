@@ -63,8 +63,11 @@ class SearchConfig:
   compute_ms_per_pair: weight of the compute-imbalance term, ms per (token,
     expert) pair on the most loaded device; 0 disables it (the paper's objective).
   smooth_g: exponent of the smooth max.
-  migration: price migration through the cost model (False: free, for tests and
-    for bounding the achievable gain).
+  migration: price migration (False: free, for tests and for bounding the
+    achievable gain).
+  slice_ms: measured wall ms to move one expert slice (weights and optimizer state)
+    between devices, e.g. `SwapController`'s average over its migrations; None:
+    price through the cost model (one stage moving `bytes_per_swap`).
   """
   profile: cost_lib.CostProfile
   d_model: int
@@ -77,6 +80,7 @@ class SearchConfig:
   compute_ms_per_pair: float = 0.0
   smooth_g: float = 10.0
   migration: bool = True
+  slice_ms: float | None = None
 
   def __post_init__(self):
     if not isinstance(self.profile, cost_lib.CostProfile):
@@ -88,6 +92,8 @@ class SearchConfig:
       check_int(f"SearchConfig.{name}", getattr(self, name), low)
     for name, low in (("compute_ms_per_pair", 0.0), ("smooth_g", 1.0)):
       check_real(f"SearchConfig.{name}", getattr(self, name), low)
+    if self.slice_ms is not None:
+      check_real("SearchConfig.slice_ms", self.slice_ms, 0.0)
 
   @property
   def bytes_per_swap(self) -> int:
@@ -282,6 +288,8 @@ def migration_ms(i: int, j: int, num_experts: int, mesh_shape, config: SearchCon
   """Modelled time to exchange the experts (and optimizer state) in slots i and j."""
   if not config.migration:
     return 0.0
+  if config.slice_ms is not None:  # measured: both slices of the pair move
+    return 2.0 * config.slice_ms
   shape = _shape(mesh_shape)
   per_device = num_experts // shape.devices
   node_i, node_j = (s // per_device // shape.local for s in (i, j))
