@@ -357,3 +357,7 @@ def test_bench_swap_routing_and_report(tmp_path):
   assert report["speedup"] > 0
   migration = report["migration"]
   assert migration["decisions"] == 2 and migration["bytes"] > 0 and migration["ms"] > 0
+  assert migration["compiles"] <= 1 and migration["pairs"] == sum(
+      len(e["pairs"]) for e in report["events"])
+  for event in report["events"]:
+    assert event["predicted_gain_ms"] > 0 and np.isfinite(event["measured_gain_ms"])
