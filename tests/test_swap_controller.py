@@ -284,6 +284,28 @@ def test_prices_swaps_with_measured_migration_over_the_interval():
     assert controller.slice_ms == pytest.approx(0.5 * slice_ms + 0.5 * run["ms"] / 2)
 
 
+def test_calibrate_prices_a_slice_and_keeps_the_state():
+  """The probe swaps slots 0 and E-1 of every layer and back: same values, a measured
+  price, and the program it compiled serves the next decision."""
+  migrate_lib = importlib.import_module("hiermoe_jax.swap.migrate")
+  mesh = mesh_of("2x4")
+  controller = SwapController(search_config(migration=True), mesh, swap_interval=2,
+                              expert_path=lambda layer: ("blocks", layer, "ffn"))
+  tree = two_layer_state(mesh)
+  before = host(tree)
+  ident = np.arange(E, dtype=np.int32)
+  compiles = migrate_lib.stats.compiles
+  tree = controller.calibrate(tree, {0: ident, 1: ident})
+  for got, want in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(before)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  assert controller.slice_ms > 0 and migrate_lib.stats.compiles == compiles + 1
+  controller.slice_ms = 0.0  # so the skewed window's swap is taken
+  for layer in range(2):
+    controller.observe(layer, skewed_ids(60 + layer))
+  _, _, events = controller.maybe_swap(2, tree, {0: ident, 1: ident})
+  assert events and migrate_lib.stats.compiles == compiles + 1
+
+
 def test_decisions_are_deterministic():
   """Same window, same measured price: the same plan on every run (as on every
   process); the search is numpy with no randomness."""

@@ -141,6 +141,9 @@ def run(args) -> dict | None:
   tree = (params, optax.adam(1e-3).init(params))
   identity = np.arange(args.experts, dtype=np.int32)
   placements = {0: identity}
+  if not args.no_migration_cost:
+    tree = controller.calibrate(tree, placements)  # compiles the migration, prices a slice
+  probe_slice_ms = controller.slice_ms
   events, visited = [], [identity]  # placements in order: identity, after each decision
   for step, ids in enumerate(observed, start=1):
     controller.observe(0, ids)
@@ -175,7 +178,7 @@ def run(args) -> dict | None:
                          "ms": float(sum(r["ms"] for r in runs)),
                          "compile_ms": float(sum(r["compile_ms"] for r in runs)),
                          "compiles": sum(r["compile_ms"] > 0 for r in runs),
-                         "slice_ms": controller.slice_ms,
+                         "probe_slice_ms": probe_slice_ms, "slice_ms": controller.slice_ms,
                          "predicted_gain_ms": float(sum(e["predicted_gain_ms"] for e in events))}
   report["config"] = {"mesh": [shape.nodes, shape.local], "processes": jax.process_count(),
                       "experts": args.experts, "topk": args.topk, "tokens": args.tokens,

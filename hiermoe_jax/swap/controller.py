@@ -26,7 +26,8 @@ time. The controller times each migration it runs (`jax.block_until_ready`, wall
 ms, compilation excluded) and prices the next decisions at `slice_ms`, an
 exponential average (weight `ema`) of ms per moved expert slice (one expert's
 weights and optimizer state); until the first migration, the cost model prices it
-(`SearchConfig.profile`). In multi-process runs each measurement is the max over
+(`SearchConfig.profile`), unless `calibrate` ran: a one-off timed probe at the
+start of a run that also compiles the migration program then, not mid-training. In multi-process runs each measurement is the max over
 processes, so every process prices - and decides - the same.
 
 All or nothing: `maybe_swap` returns either the old tree and placements (no
@@ -204,6 +205,28 @@ class SwapController:
           self.ema * per_slice + (1 - self.ema) * self.slice_ms)
     return ms
 
+  def calibrate(self, tree, placements: Mapping[Hashable, Any]):
+    """A timed probe: in every layer swap the first slot with the last (on the last
+    node), compile, then time the swap back, and price decisions at its ms per
+    slice. Returns the tree, same values and placements (leaves are donated)."""
+    placements = {layer: np.asarray(p).astype(np.int32) for layer, p in placements.items()}
+    swapped = {}
+    for layer, placement in placements.items():
+      swapped[layer] = placement.copy()
+      swapped[layer][[0, -1]] = placement[[-1, 0]]
+    plans = {layer: _probe_plan(p) for layer, p in swapped.items()}
+    moves = self._moves(tree, placements, plans)
+    tree = migrate_many(tree, moves, self.mesh, expert_axes=self.shape.axes)
+    jax.block_until_ready(tree)
+    back = {layer: _probe_plan(p) for layer, p in placements.items()}
+    compile_s, t0 = migration_stats.compile_s, time.perf_counter()
+    tree = migrate_many(tree, self._moves(tree, swapped, back), self.mesh,
+                        expert_axes=self.shape.axes)
+    jax.block_until_ready(tree)
+    compile_s = migration_stats.compile_s - compile_s
+    self.record_migration(1e3 * (time.perf_counter() - t0 - compile_s), 2 * len(moves))
+    return tree
+
   def maybe_swap(self, step: int, tree, placements: Mapping[Hashable, Any]):
     """Every `swap_interval` steps: search each layer and migrate what pays.
 
@@ -274,6 +297,10 @@ class SwapController:
       new = plans[layer].placement if layer in plans else placement
       moves.append((placement, new, select))
     return moves
+
+
+def _probe_plan(placement: np.ndarray) -> SwapPlan:
+  return SwapPlan(placement, ((0, placement.shape[0] - 1),), 0.0, 0.0, 0.0, 0)
 
 
 def _max_over_processes(value: float) -> float:

@@ -280,7 +280,9 @@ def migrate_many(tree, moves, mesh: Mesh, *, expert_axes=mesh_lib.AXES):
     tables = [[jnp.asarray(a) for a in t.arrays()] for t, *_ in groups]
     moved = _program(key, mesh, shape.axes)(leaves, tables)
   else:
-    signature = (tuple(tuple((x.shape, x.dtype, x.sharding) for x in group) for group in leaves),
+    signature = (tuple(tuple((x.shape, x.dtype, _canonical(mesh, x, layered, shape.axes))
+                             for x in group)
+                       for (_, layered, _, _), group in zip(groups, leaves)),
                  tuple(tuple(a.shape for a in t.arrays()) for t, *_ in groups))
     fn = _compiled(key, mesh, shape.axes, signature)
     tables = [[_replicated(mesh, a) for a in t.arrays()] for t, *_ in groups]
@@ -290,6 +292,12 @@ def migrate_many(tree, moves, mesh: Mesh, *, expert_axes=mesh_lib.AXES):
     for n, value in zip(chosen, group):
       values[n] = value
   return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _canonical(mesh: Mesh, leaf, layered: bool, axes) -> NamedSharding:
+  """The layout `_check_leaf` accepted, one spelling for every equivalent sharding (an
+  output's spec may be spelled differently from its input's)."""
+  return NamedSharding(mesh, _leaf_spec(leaf.ndim, layered, axes))
 
 
 def _default_select(path, leaf, *, lead: tuple[int, ...]) -> bool:
