@@ -119,7 +119,8 @@ class SwapController:
     tree given to `maybe_swap` (default: () - every expert leaf, for a single
     layer's params / optimizer state).
   ema: weight of the newest measurement in `slice_ms` (1: the last one only).
-  search_config.steps_until_next_decision is replaced by swap_interval (the horizon).
+  search_config.steps_until_next_decision is replaced by swap_interval (the horizon),
+  window_steps by the steps in the layer's window (gains are per step).
   """
 
   def __init__(self, search_config: SearchConfig, mesh: Mesh, swap_interval: int, *,
@@ -192,7 +193,8 @@ class SwapController:
     if ids is None:
       return None
     self.decisions += 1
-    config = dataclasses.replace(self.config, slice_ms=self.slice_ms)
+    config = dataclasses.replace(self.config, slice_ms=self.slice_ms,
+                                 window_steps=len(self._windows[layer]))
     return search(ids, np.asarray(placement), self.shape, config)
 
   def record_migration(self, ms: float, slices: int) -> float:
@@ -219,6 +221,7 @@ class SwapController:
     tree = migrate_many(tree, moves, self.mesh, expert_axes=self.shape.axes)
     jax.block_until_ready(tree)
     back = {layer: _probe_plan(p) for layer, p in placements.items()}
+    _barrier()
     compile_s, t0 = migration_stats.compile_s, time.perf_counter()
     tree = migrate_many(tree, self._moves(tree, swapped, back), self.mesh,
                         expert_axes=self.shape.axes)
@@ -253,6 +256,7 @@ class SwapController:
     if not changes:
       return tree, placements, []
     moves = self._moves(tree, placements, {layer: plan for layer, plan, _ in changes})
+    _barrier()  # peers may still be searching: time the migration only
     compile_s = migration_stats.compile_s
     t0 = time.perf_counter()
     try:
@@ -301,6 +305,12 @@ class SwapController:
 
 def _probe_plan(placement: np.ndarray) -> SwapPlan:
   return SwapPlan(placement, ((0, placement.shape[0] - 1),), 0.0, 0.0, 0.0, 0)
+
+
+def _barrier() -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("hiermoe_jax.swap")
 
 
 def _max_over_processes(value: float) -> float:
