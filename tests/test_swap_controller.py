@@ -99,7 +99,8 @@ def test_swaps_one_layer_params_and_optimizer_state():
   for step_ids in ids:
     controller.observe(0, jnp.asarray(step_ids.reshape(-1, K)))
   ident = np.arange(E, dtype=np.int32)
-  expected = search(np.concatenate(ids, axis=1), ident, MeshShape(2, 4), search_config())
+  expected = search(np.concatenate(ids, axis=1), ident, MeshShape(2, 4),
+                    search_config(window_steps=2))  # gains per step of the 2-step window
   assert expected.changed  # the skewed window has a paying swap
 
   params, opt_state = two_layer_state(mesh)
@@ -196,12 +197,12 @@ def test_swaps_are_all_or_nothing(monkeypatch):
   def boom(*args, **kwargs):
     raise RuntimeError("injected")
 
-  calls = {"plan_moves": 0}
-  real_plan_moves, real_device_migrate = migrate_lib.plan_moves, migrate_lib._device_migrate
+  calls = {"move_tables": 0}
+  real_move_tables, real_device_migrate = migrate_lib.move_tables, migrate_lib._device_migrate
 
   def plan_layer_1_fails(*args):  # layer 0 is planned fine, layer 1 fails
-    calls["plan_moves"] += 1
-    return boom() if calls["plan_moves"] == 2 else real_plan_moves(*args)
+    calls["move_tables"] += 1
+    return boom() if calls["move_tables"] == 2 else real_move_tables(*args)
 
   def intact():
     for leaf in jax.tree_util.tree_leaves((params, opt_state)):
@@ -212,16 +213,14 @@ def test_swaps_are_all_or_nothing(monkeypatch):
     assert all(np.array_equal(p, ident) for p in placements.values())
 
   # On the host (layer 1's move plan) and while tracing the migration program.
-  for name, patch in [("plan_moves", plan_layer_1_fails), ("_device_migrate", boom)]:
+  for name, patch in [("move_tables", plan_layer_1_fails), ("_device_migrate", boom)]:
     with monkeypatch.context() as m:
       m.setattr(migrate_lib, name, patch)
-      migrate_lib._migrate_fn.cache_clear()
-      migrate_lib._jitted.cache_clear()
+      migrate_lib._compiled.cache_clear()
       with pytest.raises(SwapError, match="before any expert moved .*RuntimeError: injected"):
         controller.maybe_swap(1, (params, opt_state), placements)
     intact()
-  migrate_lib._migrate_fn.cache_clear()
-  migrate_lib._jitted.cache_clear()
+  migrate_lib._compiled.cache_clear()
   assert controller.swaps == 0
 
   (new_params, new_opt), new_placements, events = controller.maybe_swap(
@@ -232,20 +231,18 @@ def test_swaps_are_all_or_nothing(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
   # A failure of the running program consumes the donated leaves, and says so.
-  def fails_when_run(leaves, *, plan):  # pure_callback: no effect token left failing
+  def fails_when_run(leaves, tables, **kw):  # pure_callback: no effect token left failing
     zero = jax.pure_callback(boom, jax.ShapeDtypeStruct((), leaves[0].dtype))
-    return real_device_migrate([leaves[0] + zero, *leaves[1:]], plan=plan)
+    return real_device_migrate([leaves[0] + zero, *leaves[1:]], tables, **kw)
 
   controller.observe(0, skewed_ids(30))
   controller.observe(1, skewed_ids(31))
   with monkeypatch.context() as m:
     m.setattr(migrate_lib, "_device_migrate", fails_when_run)
-    migrate_lib._migrate_fn.cache_clear()
-    migrate_lib._jitted.cache_clear()
+    migrate_lib._compiled.cache_clear()
     with pytest.raises(SwapError, match="experts .*consumed: resume from the last checkpoint"):
       controller.maybe_swap(2, (new_params, new_opt), new_placements)
-  migrate_lib._migrate_fn.cache_clear()
-  migrate_lib._jitted.cache_clear()
+  migrate_lib._compiled.cache_clear()
   # JAX keeps each device's last host-callback token and re-raises a failed one at
   # every effects barrier (and at exit): replace them with a good one on every device.
   def good(v):
@@ -253,6 +250,79 @@ def test_swaps_are_all_or_nothing(monkeypatch):
   on_every_device = mesh_lib.named(mesh, mesh_lib.sharded_rows(1))
   jax.jit(good)(jax.device_put(np.zeros(8, np.float32), on_every_device)).block_until_ready()
   jax.effects_barrier()
+
+
+def test_prices_swaps_with_measured_migration_over_the_interval():
+  """A swap is taken when gain per step x swap_interval exceeds the measured migration
+  time, declined when not; each migration run updates the measured price."""
+  mesh = mesh_of("2x4")
+  ids = [skewed_ids(40), skewed_ids(41)]
+  ident = np.arange(E, dtype=np.int32)
+  plan = search(np.concatenate(ids, axis=1), ident, MeshShape(2, 4),
+                search_config(max_pairs=1, migration=True, slice_ms=0.0, window_steps=2))
+  assert plan.changed and plan.gain_ms > 0
+  interval = 5
+  # Just too dear / just cheap enough: 2 slices per pair against gain x interval.
+  pays_ms = plan.gain_ms * interval / 2
+  for slice_ms, taken in ((1.01 * pays_ms, False), (0.99 * pays_ms, True)):
+    controller = SwapController(search_config(max_pairs=1, migration=True), mesh,
+                                swap_interval=interval, expert_path=lambda layer: ())
+    controller.slice_ms = slice_ms  # as measured by an earlier migration
+    for step_ids in ids:
+      controller.observe(0, step_ids)
+    params = hm.init_params(jax.random.key(3), moe_config(), mesh)
+    tree, placements, events = controller.maybe_swap(interval, params, {0: ident})
+    assert controller.decisions == 1 and bool(events) == taken
+    if not taken:
+      assert tree is params and controller.migrations == [] and controller.slice_ms == slice_ms
+      continue
+    (event,) = events
+    assert event["priced_by"] == "measured"
+    assert event["predicted_migration_ms"] == pytest.approx(2 * slice_ms)
+    (run,) = controller.migrations
+    assert run["slices"] == 2 and run["ms"] > 0 and event["migration_ms"] == run["ms"]
+    # The next decisions are priced by the average of old and measured ms per slice.
+    assert controller.slice_ms == pytest.approx(0.5 * slice_ms + 0.5 * run["ms"] / 2)
+
+
+def test_calibrate_prices_a_slice_and_keeps_the_state():
+  """The probe swaps slots 0 and E-1 of every layer and back: same values, a measured
+  price, and the program it compiled serves the next decision."""
+  migrate_lib = importlib.import_module("hiermoe_jax.swap.migrate")
+  mesh = mesh_of("2x4")
+  controller = SwapController(search_config(migration=True), mesh, swap_interval=2,
+                              expert_path=lambda layer: ("blocks", layer, "ffn"))
+  tree = two_layer_state(mesh)
+  before = host(tree)
+  ident = np.arange(E, dtype=np.int32)
+  compiles = migrate_lib.stats.compiles
+  tree = controller.calibrate(tree, {0: ident, 1: ident})
+  for got, want in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(before)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  assert controller.slice_ms > 0 and migrate_lib.stats.compiles == compiles + 1
+  controller.slice_ms = 0.0  # so the skewed window's swap is taken
+  for layer in range(2):
+    controller.observe(layer, skewed_ids(60 + layer))
+  _, _, events = controller.maybe_swap(2, tree, {0: ident, 1: ident})
+  assert events and migrate_lib.stats.compiles == compiles + 1
+
+
+def test_decisions_are_deterministic():
+  """Same window, same measured price: the same plan on every run (as on every
+  process); the search is numpy with no randomness."""
+  mesh = mesh_of("2x4")
+  window = np.concatenate([skewed_ids(s) for s in range(50, 53)], axis=1)
+  plans = []
+  for _ in range(2):
+    controller = SwapController(search_config(max_pairs=3, migration=True), mesh,
+                                swap_interval=4, window=3)
+    controller.slice_ms = 0.0
+    for step_ids in np.split(window, 3, axis=1):
+      controller.observe(0, step_ids.copy())
+    plans.append(controller.plan(0, np.arange(E)))
+  assert plans[0].changed and plans[0].pairs == plans[1].pairs
+  np.testing.assert_array_equal(plans[0].placement, plans[1].placement)
+  assert plans[0].gain_ms == plans[1].gain_ms
 
 
 def test_rejects_bad_arguments():
@@ -310,3 +380,7 @@ def test_bench_swap_routing_and_report(tmp_path):
   assert report["speedup"] > 0
   migration = report["migration"]
   assert migration["decisions"] == 2 and migration["bytes"] > 0 and migration["ms"] > 0
+  assert migration["compiles"] >= 1 and migration["pairs"] == sum(
+      len(e["pairs"]) for e in report["events"])
+  for event in report["events"]:
+    assert event["predicted_gain_ms"] > 0 and np.isfinite(event["measured_gain_ms"])

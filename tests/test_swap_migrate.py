@@ -7,14 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import importlib
 
 import hiermoe_jax as hm
 from hiermoe_jax import mesh as mesh_lib
 from hiermoe_jax.mesh import MeshShape
-from hiermoe_jax.swap import migrate, plan_moves
+from hiermoe_jax.swap import experts_under, migrate, migrate_many, move_tables
+from hiermoe_jax.swap.migrate import device_pairs
+from jax.sharding import PartitionSpec as P
 from tests.helpers import mesh_of
 
 E = 16
+migrate_lib = importlib.import_module("hiermoe_jax.swap.migrate")  # swap.migrate: the function
 
 
 def small_config(**overrides):
@@ -31,28 +35,91 @@ def placements(seed):
   return rng.permutation(E).astype(np.int32), rng.permutation(E).astype(np.int32)
 
 
-def test_plan_moves_rounds():
-  shape = MeshShape(2, 4)  # 2 slots per device
+def swapped(placement, *pairs):
+  p = np.array(placement)
+  for i, j in pairs:
+    p[[i, j]] = p[[j, i]]
+  return p
+
+
+def test_move_tables():
+  shape = MeshShape(2, 4)  # 2 slots per device, 28 device pairs
   ident = np.arange(E)
-
-  def swap(*pairs):
-    p = ident.copy()
-    for i, j in pairs:
-      p[[i, j]] = p[[j, i]]
-    return p
-
-  one = plan_moves(ident, swap((1, 10)), shape)
-  # Slot 1 = device 0 local 1, slot 10 = device 5 local 0: one round, both ways.
-  assert one.rounds == ((((5, 0), (0, 5)), (1, -1, -1, -1, -1, 0, -1, -1),
-                         (1, -1, -1, -1, -1, 0, -1, -1)),)
-  assert one.moved_slots == 2
-  # Disjoint swaps on distinct devices share one round; a device in two swaps needs two.
-  assert len(plan_moves(ident, swap((0, 2), (4, 12), (7, 15)), shape).rounds) == 1
-  assert len(plan_moves(ident, swap((0, 2), (1, 4)), shape).rounds) == 2
+  pairs = device_pairs(8)
+  one = move_tables(ident, swapped(ident, (1, 10)), shape)
+  # Slot 1 = device 0 row 1, slot 10 = device 5 row 0: pair (0, 5) exchanges once.
+  q = pairs.index((0, 5))
+  assert one.moved == 2 and one.count.tolist() == [int(i == q) for i in range(28)]
+  assert one.send[q, 0].tolist() == [1, 0] and one.recv[q, 0].tolist() == [1, 0]
+  assert (one.recv[:, 1:] == -1).all()
+  # Two swaps between the same devices: two iterations of that pair only.
+  two = move_tables(ident, swapped(ident, (0, 2), (1, 3)), shape)
+  assert two.count[pairs.index((0, 1))] == 2 and two.count.sum() == 2
   # A swap inside one device is a local gather, no communication.
-  local = plan_moves(ident, swap((6, 7)), shape)
-  assert local.rounds == () and local.local_src[3] == (1, 0) and local.moved_slots == 2
-  assert plan_moves(ident, ident, shape).moved_slots == 0
+  local = move_tables(ident, swapped(ident, (6, 7)), shape)
+  assert local.count.sum() == 0 and local.local_src[3].tolist() == [1, 0]
+  assert move_tables(ident, ident, shape).moved == 0
+  # Scanned [L, E]: rows are (layer, slot) flattened; each layer its own change.
+  layered = move_tables(np.stack([ident, ident]),
+                        np.stack([ident, swapped(ident, (1, 10))]), shape)
+  assert layered.send[q, 0].tolist() == [3, 2] and layered.count.sum() == 1
+
+
+def expert_stacks(mesh, layers, seed):
+  """A scanned-style tree: params and two Adam-like moments, [L, E, ...] stacks."""
+  rng = np.random.default_rng(seed)
+  spec = P(None, *mesh_lib.sharded_rows(2))
+  def stack(*shape):
+    return jax.device_put(rng.standard_normal(shape).astype(np.float32),
+                          mesh_lib.named(mesh, spec if len(shape) == 4 else
+                                         mesh_lib.sharded_rows(len(shape))))
+  def copy():
+    return {"experts": {"gate": stack(layers, E, 4, 6), "down": stack(layers, E, 6, 4)}}
+  return {"params": copy(), "mu": copy(), "nu": copy()}
+
+
+def test_one_compilation_serves_every_decision_scanned_and_unrolled():
+  mesh = mesh_of("2x4")
+  layers, rng = 3, np.random.default_rng(11)
+  placement = np.stack([np.arange(E)] * layers)
+  tree = expert_stacks(mesh, layers, 12)
+  compiles = migrate_lib.stats.compiles
+  decisions = [swapped(placement[0], (0, 15)),  # one pair
+               rng.permutation(E),  # every slot moves
+               swapped(placement[0], (2, 3))]  # local only
+  for n, change in enumerate(decisions):
+    new = placement.copy()
+    new[n % layers] = change[np.argsort(np.arange(E))]
+    new[(n + 1) % layers] = rng.permutation(E)
+    before = host(tree)
+    tree = migrate(tree, placement, new, mesh)
+    for l in range(layers):
+      src = np.argsort(placement[l])[new[l]]
+      for copy in ("params", "mu", "nu"):
+        for name, leaf in tree[copy]["experts"].items():
+          np.testing.assert_array_equal(np.asarray(leaf)[l],
+                                        before[copy]["experts"][name][l][src])
+    placement = new
+  assert migrate_lib.stats.compiles == compiles + 1
+  # Unrolled [E, ...] stacks, one change per layer in one call: one more program, reused.
+  flat = {l: {"experts": {"w": jax.device_put(
+      rng.standard_normal((E, 5)).astype(np.float32),
+      mesh_lib.named(mesh, mesh_lib.sharded_rows(2)))}} for l in range(2)}
+  ident = np.arange(E)
+  for seed in (1, 2):
+    new = [np.random.default_rng(seed + l).permutation(E) for l in range(2)]
+    before = host(flat)
+    flat = migrate_many(flat, [(ident, new[l], experts_under((l,), E)) for l in range(2)], mesh)
+    for l in range(2):
+      np.testing.assert_array_equal(np.asarray(flat[l]["experts"]["w"]),
+                                    before[l]["experts"]["w"][np.argsort(ident)[new[l]]])
+    ident = None  # the next decision starts from `new`
+    flat = migrate_many(flat, [(new[l], np.arange(E), experts_under((l,), E))
+                               for l in range(2)], mesh)
+    np.testing.assert_array_equal(np.asarray(flat[0]["experts"]["w"]),
+                                  before[0]["experts"]["w"])
+    ident = np.arange(E)
+  assert migrate_lib.stats.compiles == compiles + 2
 
 
 def test_migrate_is_a_relabelling():

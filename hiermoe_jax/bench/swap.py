@@ -122,6 +122,7 @@ def run(args) -> dict | None:
   from hiermoe_jax import cost
   from hiermoe_jax.mesh import MeshShape
   from hiermoe_jax.swap import SearchConfig, SwapController
+  from hiermoe_jax.swap.migrate import stats as migration_stats
 
   shape = MeshShape.of(mesh)
   _, alpha = synthetic.parse_routing(args.routing)  # zipf: checked by check_args
@@ -141,33 +142,44 @@ def run(args) -> dict | None:
   tree = (params, optax.adam(1e-3).init(params))
   identity = np.arange(args.experts, dtype=np.int32)
   placements = {0: identity}
-  events = []
+  if not args.no_migration_cost:
+    tree = controller.calibrate(tree, placements)  # compiles the migration, prices a slice
+  probe_slice_ms = controller.slice_ms
+  events, visited = [], [identity]  # placements in order: identity, after each decision
   for step, ids in enumerate(observed, start=1):
     controller.observe(0, ids)
     tree, placements, new = controller.maybe_swap(step, tree, placements)
-    events += new
+    events += [{"step": step, **e} for e in new]
+    if new:
+      visited.append(placements[0])
   final = placements[0]
 
   x, _, w = timed_lib.routed_inputs(held_out, args.hidden, "float32", args.seed)
   x_g, w_g = timed_lib.global_array(mesh, x), timed_lib.global_array(mesh, w)
   fns, info = {}, {}
-  for name, placement in (("before", identity), ("after", final)):
+  for n, placement in enumerate(visited):
     slots_ATK = np.argsort(placement)[held_out].astype(np.int32)
     caps = timed_lib.tight_hop_caps(slots_ATK, STRATEGY, shape, args.experts)
     step_fn = timed_lib.exchange_step(mesh, STRATEGY, caps, args.experts, backward=False)
     slots_g = timed_lib.global_array(mesh, slots_ATK.reshape(-1, args.topk))
-    fns[name] = (lambda f, s: lambda: f(x_g, s, w_g, x_g))(step_fn, slots_g)
-    info[name] = {"hop_capacity": list(caps),
-                  "max_over_mean_rows": max_over_mean_rows(held_out, placement, shape.devices)}
+    fns[n] = (lambda f, s: lambda: f(x_g, s, w_g, x_g))(step_fn, slots_g)
+    info[n] = {"hop_capacity": list(caps),
+               "max_over_mean_rows": max_over_mean_rows(held_out, placement, shape.devices)}
   ms = timed_lib.time_interleaved(fns, repeats=args.repeats, warmup=args.warmup)
-  report = {
-      name: {"time_ms": float(np.median(ms[name])), **timed_lib.summary(ms[name]),
-             **info[name]} for name in ("before", "after")}
+  median = {n: float(np.median(ms[n])) for n in fns}
+  last = len(visited) - 1
+  report = {name: {"time_ms": median[n], **timed_lib.summary(ms[n]), **info[n]}
+            for name, n in (("before", 0), ("after", last))}
   report["speedup"] = report["before"]["time_ms"] / max(report["after"]["time_ms"], 1e-12)
-  report["migration"] = {"ms": 1e3 * sum(e["time_s"] for e in events),
-                         "bytes": int(sum(e["bytes_moved"] for e in events)),
-                         "decisions": controller.decisions,
-                         "pairs": controller.swaps,
+  for n, event in enumerate(events, start=1):  # one layer: one event per decision that moved
+    event["measured_gain_ms"] = median[n - 1] - median[n]  # on the held-out batch
+  runs = controller.migrations
+  report["migration"] = {"decisions": controller.decisions, "pairs": controller.swaps,
+                         "bytes": int(sum(r["bytes"] for r in runs)),
+                         "ms": float(sum(r["ms"] for r in runs)),
+                         "compile_ms": 1e3 * migration_stats.compile_s,  # calibrate's too
+                         "compiles": migration_stats.compiles,
+                         "probe_slice_ms": probe_slice_ms, "slice_ms": controller.slice_ms,
                          "predicted_gain_ms": float(sum(e["predicted_gain_ms"] for e in events))}
   report["config"] = {"mesh": [shape.nodes, shape.local], "processes": jax.process_count(),
                       "experts": args.experts, "topk": args.topk, "tokens": args.tokens,
@@ -190,7 +202,12 @@ def table(report: dict) -> str:
   m = report["migration"]
   lines.append(f"speedup {report['speedup']:.3f}x | {m['decisions']} decisions, {m['pairs']} "
                f"pairs, {m['bytes'] / 1e6:.2f} MB moved in {m['ms']:.1f} ms "
-               f"(search + migration)")
+               f"(+ {m['compiles']} compiles, {m['compile_ms']:.0f} ms)")
+  for e in report["events"]:
+    lines.append(f"  step {e['step']:>3}: {len(e['pairs'])} pairs, gain/step predicted "
+                 f"{e['predicted_gain_ms']:.3f} ms, measured {e['measured_gain_ms']:.3f} ms; "
+                 f"migration priced {e['predicted_migration_ms']:.1f} ms ({e['priced_by']}), "
+                 f"took {e['migration_ms']:.1f} ms")
   return "\n".join(lines)
 
 

@@ -6,16 +6,19 @@ and decide when (`SwapController`).
       params, opt_state = swap.migrate((params, opt_state), placement, plan.placement, mesh)
       placement = plan.placement
 
-or, in a training loop, `SwapController.observe(layer, topk_ids)` after each step and
-`SwapController.maybe_swap(step, (params, opt_state), placements)`.
+or, in a training loop, `SwapController.calibrate((params, opt_state), placements)`
+once (compiles the migration program, measures its price), then
+`SwapController.observe(layer, topk_ids)` after each step and
+`SwapController.maybe_swap(step, (params, opt_state), placements)`. One compiled
+migration program serves every decision (`migrate.stats` counts compilations).
 
 The names `search` and `migrate` here are the functions; import helpers from the
 modules directly (`from hiermoe_jax.swap.search import stage_loads`).
 """
 
 from hiermoe_jax.swap.controller import SwapController, SwapError, experts_under
-from hiermoe_jax.swap.migrate import expert_leaf, migrate, migrate_many, plan_moves
+from hiermoe_jax.swap.migrate import expert_leaf, migrate, migrate_many, move_tables
 from hiermoe_jax.swap.search import SearchConfig, SwapPlan, search
 
 __all__ = ["SearchConfig", "SwapController", "SwapError", "SwapPlan", "expert_leaf",
-           "experts_under", "migrate", "migrate_many", "plan_moves", "search"]
+           "experts_under", "migrate", "migrate_many", "move_tables", "search"]

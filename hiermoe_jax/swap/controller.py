@@ -17,7 +17,18 @@ Every `swap_interval` steps, each layer with observations gets one `search` on
 its window concatenated along T; the layers whose plan changes the placement then
 move together in one `migrate_many` - their expert leaves in the parameters AND
 the optimizer state, passed together as one `tree` - and their placements are
-updated.
+updated. Every layer whose leaves are in the tree is passed to `migrate_many`
+(identity when unchanged), so one compiled program serves every decision.
+
+Measured pricing over the horizon: a swap pays when its predicted saving per step
+times `swap_interval` (the steps until the next decision) exceeds its migration
+time. The controller times each migration it runs (`jax.block_until_ready`, wall
+ms, compilation excluded) and prices the next decisions at `slice_ms`, an
+exponential average (weight `ema`) of ms per moved expert slice (one expert's
+weights and optimizer state); until the first migration, the cost model prices it
+(`SearchConfig.profile`), unless `calibrate` ran: a one-off timed probe at the
+start of a run that also compiles the migration program then, not mid-training. In multi-process runs each measurement is the max over
+processes, so every process prices - and decides - the same.
 
 All or nothing: `maybe_swap` returns either the old tree and placements (no
 decision, or nothing pays) or the new tree with every new placement. Everything
@@ -43,6 +54,7 @@ at the same steps (they do when they run the same loop).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from typing import Any, Callable, Hashable, Mapping
 
@@ -52,6 +64,7 @@ from jax.sharding import Mesh
 
 from hiermoe_jax.mesh import AXES, MeshShape
 from hiermoe_jax.swap.migrate import EXPERTS_KEY, migrate_many
+from hiermoe_jax.swap.migrate import stats as migration_stats
 from hiermoe_jax.swap.search import SearchConfig, SwapPlan, search
 
 
@@ -105,18 +118,25 @@ class SwapController:
   expert_path(layer) -> tuple of keys locating that layer's expert subtree in the
     tree given to `maybe_swap` (default: () - every expert leaf, for a single
     layer's params / optimizer state).
+  ema: weight of the newest measurement in `slice_ms` (1: the last one only).
+  search_config.steps_until_next_decision is replaced by swap_interval (the horizon),
+  window_steps by the steps in the layer's window (gains are per step).
   """
 
   def __init__(self, search_config: SearchConfig, mesh: Mesh, swap_interval: int, *,
                window: int | None = None,
                expert_path: Callable[[Hashable], tuple] | None = None,
-               expert_axes=AXES):
+               expert_axes=AXES, ema: float = 0.5):
     if isinstance(swap_interval, bool) or not isinstance(swap_interval, int) or swap_interval < 1:
       raise ValueError(f"swap_interval={swap_interval!r} is invalid: must be an int >= 1")
     window = swap_interval if window is None else window
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
       raise ValueError(f"window={window!r} is invalid: must be an int >= 1 (observed steps)")
-    self.config = search_config
+    if not (isinstance(ema, (int, float)) and 0 < ema <= 1):
+      raise ValueError(f"ema={ema!r} is invalid: must be a number in (0, 1]")
+    self.config = dataclasses.replace(search_config,
+                                      steps_until_next_decision=swap_interval)
+    self.ema = float(ema)
     self.mesh = mesh
     self.shape = MeshShape.of(mesh, expert_axes)
     self.swap_interval = swap_interval
@@ -125,6 +145,8 @@ class SwapController:
     self._windows: dict[Hashable, collections.deque] = {}
     self.decisions = 0  # searches run
     self.swaps = 0  # pairs applied
+    self.slice_ms: float | None = search_config.slice_ms  # measured price (None: model)
+    self.migrations = []  # per migration run: {"step", "slices", "bytes", "ms", "compile_ms"}
 
   def observe(self, layer: Hashable, topk_ids) -> None:
     """Adds one step's routing of `layer`: logical ids [N*G*T, K] or [N*G, T, K].
@@ -171,7 +193,42 @@ class SwapController:
     if ids is None:
       return None
     self.decisions += 1
-    return search(ids, np.asarray(placement), self.shape, self.config)
+    config = dataclasses.replace(self.config, slice_ms=self.slice_ms,
+                                 window_steps=len(self._windows[layer]))
+    return search(ids, np.asarray(placement), self.shape, config)
+
+  def record_migration(self, ms: float, slices: int) -> float:
+    """Folds one timed migration (wall ms, slices moved) into `slice_ms`; the max
+    over processes, so all agree. Returns the agreed ms."""
+    ms = _max_over_processes(ms)
+    if slices:
+      per_slice = ms / slices
+      self.slice_ms = per_slice if self.slice_ms is None else (
+          self.ema * per_slice + (1 - self.ema) * self.slice_ms)
+    return ms
+
+  def calibrate(self, tree, placements: Mapping[Hashable, Any]):
+    """A timed probe: in every layer swap the first slot with the last (on the last
+    node), compile, then time the swap back, and price decisions at its ms per
+    slice. Returns the tree, same values and placements (leaves are donated)."""
+    placements = {layer: np.asarray(p).astype(np.int32) for layer, p in placements.items()}
+    swapped = {}
+    for layer, placement in placements.items():
+      swapped[layer] = placement.copy()
+      swapped[layer][[0, -1]] = placement[[-1, 0]]
+    plans = {layer: _probe_plan(p) for layer, p in swapped.items()}
+    moves = self._moves(tree, placements, plans)
+    tree = migrate_many(tree, moves, self.mesh, expert_axes=self.shape.axes)
+    jax.block_until_ready(tree)
+    back = {layer: _probe_plan(p) for layer, p in placements.items()}
+    _barrier()
+    compile_s, t0 = migration_stats.compile_s, time.perf_counter()
+    tree = migrate_many(tree, self._moves(tree, swapped, back), self.mesh,
+                        expert_axes=self.shape.axes)
+    jax.block_until_ready(tree)
+    compile_s = migration_stats.compile_s - compile_s
+    self.record_migration(1e3 * (time.perf_counter() - t0 - compile_s), 2 * len(moves))
+    return tree
 
   def maybe_swap(self, step: int, tree, placements: Mapping[Hashable, Any]):
     """Every `swap_interval` steps: search each layer and migrate what pays.
@@ -180,10 +237,12 @@ class SwapController:
       (params, opt_state); moved leaves are donated.
     placements: {layer: [E] slot -> logical expert} (host or device values).
     Returns (tree, placements as {layer: int32 numpy}, events), one event per
-    layer whose placement changed: {"layer", "pairs", "predicted_gain_ms",
-    "bytes_moved", "time_s"} (time_s: the layer's search plus its share, by bytes,
-    of the one migration). All or nothing (module docstring); raises SwapError if
-    the migration fails.
+    layer whose placement changed: {"layer", "pairs", "predicted_gain_ms" (per
+    step), "predicted_migration_ms" (as priced), "priced_by" ("model" or
+    "measured"), "migration_ms" (measured, its share by bytes), "bytes_moved",
+    "time_s" (its search plus its share of the migration and any compilation)}.
+    Each migration run is also appended to `migrations`. All or nothing (module
+    docstring); raises SwapError if the migration fails.
     """
     placements = {layer: np.asarray(p).astype(np.int32) for layer, p in placements.items()}
     if not self.due(step):
@@ -196,31 +255,69 @@ class SwapController:
         changes.append((layer, plan, time.perf_counter() - t0))
     if not changes:
       return tree, placements, []
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    moves = []
-    for layer, plan, _ in changes:
-      select = experts_under(self.expert_path(layer), plan.placement.shape[0])
-      if not any(select(path, leaf) for path, leaf in flat):
-        raise ValueError(f"layer {layer!r}: no expert leaf under path "
-                         f"{self.expert_path(layer)!r} in the tree; check expert_path")
-      moves.append((placements[layer], plan.placement, select))
+    moves = self._moves(tree, placements, {layer: plan for layer, plan, _ in changes})
+    _barrier()  # peers may still be searching: time the migration only
+    compile_s = migration_stats.compile_s
     t0 = time.perf_counter()
     try:
       new_tree = migrate_many(tree, moves, self.mesh, expert_axes=self.shape.axes)
       jax.block_until_ready(new_tree)
     except Exception as e:
       raise _swap_error(step, tree, e) from e
-    migrate_s = time.perf_counter() - t0
+    compile_s = migration_stats.compile_s - compile_s
+    slices = sum(2 * len(plan.pairs) for _, plan, _ in changes)
+    priced = self.slice_ms
+    migrate_ms = self.record_migration(
+        max(1e3 * (time.perf_counter() - t0 - compile_s), 0.0), slices)
     total_bytes = sum(plan.bytes_to_move for _, plan, _ in changes) or 1
+    self.migrations.append({"step": step, "slices": slices, "bytes": total_bytes,
+                            "ms": migrate_ms, "compile_ms": 1e3 * compile_s})
     events = []
     for layer, plan, search_s in changes:
       placements[layer] = plan.placement.astype(np.int32)
       self.swaps += len(plan.pairs)
+      share = plan.bytes_to_move / total_bytes
       events.append({"layer": _jsonable(layer), "pairs": [list(map(int, p)) for p in plan.pairs],
                      "predicted_gain_ms": float(plan.gain_ms),
+                     "predicted_migration_ms": float(plan.migration_ms),
+                     "priced_by": "model" if priced is None else "measured",
+                     "migration_ms": migrate_ms * share,
                      "bytes_moved": int(plan.bytes_to_move),
-                     "time_s": search_s + migrate_s * plan.bytes_to_move / total_bytes})
+                     "time_s": search_s + 1e-3 * migrate_ms * share + compile_s * share})
     return new_tree, placements, events
+
+  def _moves(self, tree, placements, plans: Mapping[Hashable, SwapPlan]) -> list:
+    """`migrate_many` moves: every layer with expert leaves in `tree` (identity unless
+    planned), so the migration program is the same at every decision."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    moves = []
+    for layer, placement in placements.items():
+      select = experts_under(self.expert_path(layer), placement.shape[0])
+      if not any(select(path, leaf) for path, leaf in flat):
+        if layer in plans:
+          raise ValueError(f"layer {layer!r}: no expert leaf under path "
+                           f"{self.expert_path(layer)!r} in the tree; check expert_path")
+        continue
+      new = plans[layer].placement if layer in plans else placement
+      moves.append((placement, new, select))
+    return moves
+
+
+def _probe_plan(placement: np.ndarray) -> SwapPlan:
+  return SwapPlan(placement, ((0, placement.shape[0] - 1),), 0.0, 0.0, 0.0, 0)
+
+
+def _barrier() -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("hiermoe_jax.swap")
+
+
+def _max_over_processes(value: float) -> float:
+  if jax.process_count() == 1:
+    return float(value)
+  from jax.experimental import multihost_utils
+  return float(np.max(multihost_utils.process_allgather(np.float64(value))))
 
 
 def _swap_error(step: int, tree, cause: Exception) -> SwapError:

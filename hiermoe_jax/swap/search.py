@@ -63,8 +63,13 @@ class SearchConfig:
   compute_ms_per_pair: weight of the compute-imbalance term, ms per (token,
     expert) pair on the most loaded device; 0 disables it (the paper's objective).
   smooth_g: exponent of the smooth max.
-  migration: price migration through the cost model (False: free, for tests and
-    for bounding the achievable gain).
+  migration: price migration (False: free, for tests and for bounding the
+    achievable gain).
+  window_steps: steps of routing concatenated along T in `topk_ids`; every time is
+    divided by it, so times and gains are per step (the controller sets it).
+  slice_ms: measured wall ms to move one expert slice (weights and optimizer state)
+    between devices, e.g. `SwapController`'s average over its migrations; None:
+    price through the cost model (one stage moving `bytes_per_swap`).
   """
   profile: cost_lib.CostProfile
   d_model: int
@@ -77,6 +82,8 @@ class SearchConfig:
   compute_ms_per_pair: float = 0.0
   smooth_g: float = 10.0
   migration: bool = True
+  window_steps: int = 1
+  slice_ms: float | None = None
 
   def __post_init__(self):
     if not isinstance(self.profile, cost_lib.CostProfile):
@@ -84,10 +91,13 @@ class SearchConfig:
            "must be a CostProfile (e.g. cost.load_profile('default'))")
     for name, low in (("d_model", 1), ("d_ff", 1), ("bytes_per_elem", 1),
                       ("param_bytes_per_elem", 1), ("optimizer_slots", 0),
-                      ("steps_until_next_decision", 0), ("max_pairs", 0)):
+                      ("steps_until_next_decision", 0), ("max_pairs", 0),
+                    ("window_steps", 1)):
       check_int(f"SearchConfig.{name}", getattr(self, name), low)
     for name, low in (("compute_ms_per_pair", 0.0), ("smooth_g", 1.0)):
       check_real(f"SearchConfig.{name}", getattr(self, name), low)
+    if self.slice_ms is not None:
+      check_real("SearchConfig.slice_ms", self.slice_ms, 0.0)
 
   @property
   def bytes_per_swap(self) -> int:
@@ -207,7 +217,7 @@ def _stage_time(kind: str, smax, config: SearchConfig, shape: MeshShape):
 
 
 def _objectives(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig):
-  """(time now, time after swapping slots r and c [E, E]) in ms."""
+  """(time now, time after swapping slots r and c [E, E]) in ms per step."""
   g = config.smooth_g
   now, after = 0.0, 0.0
   for kind, tier in zip(("inter", "intra"), _tiers(hits_TE, shape, tokens)):
@@ -232,7 +242,8 @@ def _objectives(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig):
     pair = np.where(same, total, np.maximum(pair, 0.0))
     now = now + config.compute_ms_per_pair * scale * total ** (1 / g)
     after = after + config.compute_ms_per_pair * scale * pair ** (1 / g)
-  return float(now), np.asarray(after, np.float64)
+  steps = config.window_steps
+  return float(now) / steps, np.asarray(after, np.float64) / steps
 
 
 # --- public API --------------------------------------------------------------
@@ -282,6 +293,8 @@ def migration_ms(i: int, j: int, num_experts: int, mesh_shape, config: SearchCon
   """Modelled time to exchange the experts (and optimizer state) in slots i and j."""
   if not config.migration:
     return 0.0
+  if config.slice_ms is not None:  # measured: both slices of the pair move
+    return 2.0 * config.slice_ms
   shape = _shape(mesh_shape)
   per_device = num_experts // shape.devices
   node_i, node_j = (s // per_device // shape.local for s in (i, j))
