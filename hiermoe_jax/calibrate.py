@@ -108,8 +108,9 @@ def layer_step(mesh: Mesh, config: MoEConfig, strategy: str, backward: bool) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_tokens", "sharding"))
-def _layer_inputs(key, ids_TK, slot_of, *, config: MoEConfig, num_tokens: int, sharding):
+def _layer_inputs(key, ids_TK, placement, *, config: MoEConfig, num_tokens: int, sharding):
   """x [T, D] and a cotangent (random, in the compute dtype), slots and equal weights."""
+  slot_of = jnp.argsort(placement)
   kx, kc = jax.random.split(key)
   dtype = jnp.dtype(config.dtype)
   x = jax.random.normal(kx, (num_tokens, config.d_model), dtype)
@@ -128,12 +129,14 @@ def time_layer(mesh: Mesh, config: MoEConfig, ids_TK, *, placement=None,
   strategies (default: `candidates`) run interleaved on the same inputs. Expert
   weights are freshly initialised: the time does not depend on their values."""
   names = tuple(names) if names is not None else candidates(config, mesh)
-  ids_TK = jnp.asarray(ids_TK, jnp.int32)
-  slot_of = (jnp.arange(config.num_experts, dtype=jnp.int32) if placement is None
-             else jnp.argsort(jnp.asarray(placement, jnp.int32)).astype(jnp.int32))
   sharding = named(mesh, shape_of(config, mesh).rows(2))
+  if not isinstance(ids_TK, jax.Array):  # the same host array on every process
+    host = np.asarray(ids_TK, np.int32)
+    ids_TK = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  if placement is None:
+    placement = np.arange(config.num_experts, dtype=np.int32)
   key = jax.random.key(seed)
-  x, slots, w, ct = _layer_inputs(key, ids_TK, slot_of, config=config,
+  x, slots, w, ct = _layer_inputs(key, ids_TK, placement, config=config,
                                   num_tokens=ids_TK.shape[0], sharding=sharding)
   experts = init_params(key, config, mesh)["experts"]
   steps = {name: functools.partial(layer_step(mesh, config, name, backward),
@@ -187,6 +190,7 @@ class AutoTuner:
   checked_at: int = 0
   _pending: dict = dataclasses.field(default_factory=dict)  # unit -> (challenger, wins)
   _loads: list | None = None  # expert counts per layer at the last check
+  _requested: str | None = None
 
   def __post_init__(self):
     check_int("layers", self.layers)
@@ -202,6 +206,8 @@ class AutoTuner:
     """Why step `step` should measure ("start", "confirm", "recheck", "drift"), or None."""
     if self.choices is None:
       return "start"
+    if self._requested:
+      return self._requested
     if self._pending:
       return "confirm"
     if self.recheck_steps and step - self.checked_at >= self.recheck_steps:
@@ -224,6 +230,7 @@ class AutoTuner:
     chosen = [self._choose(u, t, c) for u, (t, c) in enumerate(zip(units, current))]
     self.choices = tuple(chosen * self.layers if self.shared else chosen)
     self.checked_at = step
+    self._requested = None
     if counts is not None:
       self._loads = [np.asarray(c) for c in counts]
     return {"step": step, "reason": reason,
@@ -234,6 +241,11 @@ class AutoTuner:
                         if before is not None and before[i] != self.choices[i]],
             "pending": {str(u): c for u, (c, _) in self._pending.items()},
             "shared": self.shared}
+
+  def request(self, reason: str) -> None:
+    """Makes the next `due` a check, e.g. once the run has routing of its own, or
+    after an expert swap moved the traffic."""
+    self._requested = reason
 
   def _choose(self, unit: int, times: dict[str, float], current: str | None) -> str:
     best = fastest(times, self.candidates)
