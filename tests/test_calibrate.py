@@ -174,7 +174,6 @@ def test_trainer_recompiles_only_when_its_choice_changes(monkeypatch, tmp_path, 
   _scripted(monkeypatch, [noise, noise, noise, win, win, noise])
   result = run(_tiny_auto(5), tmp_path, verbose=False)
   decisions = _decisions(result.records)
-  print([(d["step"], d["reason"], d["choices"]) for d in decisions])
   assert [d["reason"] for d in decisions] == ["start", "routing", "recheck", "recheck",
                                               "confirm", "recheck"]
   assert [d["compiled_programs"] for d in decisions] == [1, 1, 1, 1, 2, 2]
