@@ -201,3 +201,26 @@ def test_two_processes_reach_the_same_decision_from_different_local_times(tmp_pa
   assert out[0]["local_choice"] != out[1]["local_choice"]  # alone, they would differ
   assert out[0]["choices"] == ["hier_dedup"]
   assert set(out[0]["layer_times"]) == set(CANDIDATES)
+
+
+# ------------------------------------------------------------------------- bench_comm
+
+def test_bench_comm_auto_without_a_profile_calibrates(tmp_path, capsys):
+  """Timed `auto` with no --profile times the candidates (the same calibrate code), runs
+  the fastest as a plain program and reports the calibration time and the choice."""
+  from hiermoe_jax.bench import comm
+  out = tmp_path / "bench.json"
+  code = comm.main(["--mesh", "2x4", "--experts", "16", "--topk", "4", "--tokens", "32",
+                    "--hidden", "16", "--repeats", "3", "--warmup", "1",
+                    "--strategies", "flat_dedup,hier_dedup,auto", "--json", str(out)])
+  assert code == 0
+  report = json.loads(out.read_text())
+  calibrated = report["auto"]
+  assert calibrated["mode"] == "calibrated" and calibrated["calibration_ms"] > 0
+  assert set(calibrated["calibration_times_ms"]) == set(CANDIDATES)
+  assert calibrated["choice"] == calibrate.fastest(calibrated["calibration_times_ms"],
+                                                   CANDIDATES)
+  auto = report["results"][2]
+  assert auto["strategy"] == "auto" and auto["auto_choice"] == calibrated["choice"]
+  assert auto["calibration_ms"] == calibrated["calibration_ms"] and auto["time_ms"]["median"] > 0
+  assert f"auto calibrated on this mesh: {calibrated['choice']}" in capsys.readouterr().out
