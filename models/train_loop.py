@@ -383,7 +383,7 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
 class _Trace:
   """A jax.profiler trace of steps [first, last] (metrics.jsonl numbering) in `directory`,
   one subdirectory per process when there are several."""
-  directory: pathlib.Path
+  directory: pathlib.Path | None
   steps: tuple[int, int] | None
   running: bool = False
 
@@ -419,7 +419,7 @@ class _Loop:
   lead: bool
   verbose: bool
   auto: AutoDispatch | None = None  # moe.dispatch=auto decided on the host
-  trace: _Trace | None = None
+  trace: _Trace = dataclasses.field(default_factory=lambda: _Trace(None, None))  # no trace
   last_drop_warning: int | None = None  # step of the last capacity warning
   nonfinite_in_a_row: int = 0
   calibrations: list = dataclasses.field(default_factory=list)  # for the next record
