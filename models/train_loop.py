@@ -448,7 +448,7 @@ class _Loop:
       swaps = []
       if self.controller is not None and metrics.finite:  # a NaN step's routing is noise
         state, swaps = _swap(model, self.controller, done, state, topk_ids)
-      if self.auto is not None and metrics.finite:
+      if self.auto is not None and metrics.finite and done < tc.steps:  # a next step to run
         if swaps:  # the placement moved the traffic
           self.auto.tuner.request("swap")
         step_fn = self._recalibrate(done, state, batch, topk_ids, metrics.expert_counts,
