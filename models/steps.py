@@ -331,6 +331,8 @@ class AutoDispatch:
     """Measures and decides if due (`AutoTuner.due`); returns the decision record.
     Before the first step (no topk_ids) it times an untrained router's uniform routing
     and asks for a check on the run's own routing after the next step."""
+    if len(self.tuner.candidates) == 1:  # one node (or device per node): nothing to time
+      return None if self.tuner.choices else self._only_candidate(step)
     counts = None if expert_counts is None else np.asarray(expert_counts)
     reason = self.tuner.due(step, counts)
     if reason is None:
@@ -342,6 +344,12 @@ class AutoDispatch:
     if not topk_ids:
       self.tuner.request("routing")
     return record
+
+  def _only_candidate(self, step: int) -> dict:
+    self.tuner.choices = self.tuner.candidates * self.tuner.layers
+    return {"step": step, "reason": "one candidate", "calibration_ms": 0.0, "times_ms": [],
+            "choices": list(self.tuner.choices), "changed": [], "pending": {},
+            "shared": self.tuner.shared}
 
   def _measure(self, state: TrainState, topk_ids) -> list[dict[str, float]]:
     cfg, mesh = self.model.cfg, self.model.mesh

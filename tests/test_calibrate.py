@@ -183,6 +183,18 @@ def test_trainer_recompiles_only_when_its_choice_changes(monkeypatch, tmp_path, 
   assert all(d["calibration_ms"] >= 0 for d in decisions)
 
 
+def test_one_candidate_is_chosen_without_timing(monkeypatch):
+  """On a one-node mesh only flat_dedup competes: nothing is timed or re-checked."""
+  from models.steps import AutoDispatch, Model
+  from models.train_loop import run_mesh
+  monkeypatch.setattr(calibrate, "time_layer", lambda *a, **k: pytest.fail("timed"))
+  cfg = _tiny_auto(2, "mesh.nodes=1", "mesh.local=8")
+  auto = AutoDispatch(Model(cfg, run_mesh(cfg)))
+  record = auto.check(0, None)
+  assert record["reason"] == "one candidate" and record["choices"] == ["flat_dedup"]
+  assert auto.check(1, None, ("ids",), np.ones((1, 16))) is None
+
+
 # ------------------------------------------------------------------------ processes
 
 def test_two_processes_reach_the_same_decision_from_different_local_times(tmp_path):
