@@ -42,9 +42,21 @@ def parse_args(argv=None):
                  help="mesh.nodes x mesh.local, e.g. 2x4")
   p.add_argument("--on-nan", choices=("skip", "stop"),
                  help="train.on_nan: on a NaN/Inf loss or gradient, skip the update or stop")
+  p.add_argument("--profile-steps", type=step_range, metavar="A:B",
+                 help="write a jax.profiler trace (Perfetto/XProf) of steps A to B "
+                      "(inclusive, 1 = the first) into RUN_DIR/profile")
   p.add_argument("--stop-after", type=cli.integer(1), help="exit after N steps without a final "
                  "checkpoint, as if killed (for resume tests)")
   return p.parse_args(argv)
+
+
+def step_range(text: str) -> tuple[int, int]:
+  """type= for A:B, steps 1 <= A <= B."""
+  first, sep, last = text.strip().partition(":")
+  if not (sep and first.isdecimal() and last.isdecimal() and 1 <= int(first) <= int(last)):
+    raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected A:B with integers "
+                                     "1 <= A <= B, e.g. 3:5")
+  return int(first), int(last)
 
 
 def overrides(args) -> list[str]:
@@ -72,7 +84,7 @@ def main(argv=None) -> int:
     distributed.initialize()  # no-op in a single plain process
     cfg = load_config(args.config, overrides(args))
     run_dir = args.run_dir or f"runs/{pathlib.Path(args.config).stem}"
-    result = run(cfg, run_dir, stop_after=args.stop_after)
+    result = run(cfg, run_dir, stop_after=args.stop_after, profile_steps=args.profile_steps)
   except tuple(codes) as e:
     print(f"error: {e}", file=sys.stderr)
     return next(code for cls, code in codes.items() if isinstance(e, cls))

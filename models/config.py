@@ -152,6 +152,13 @@ class TrainConfig:
   drop_warning: float = 0.01  # warn when a layer drops more than this fraction of its pairs
   microbatches: int = 1  # gradient accumulation: the global batch in this many slices
   loss_chunk: int = 512  # sequence positions the loss unembeds at a time (0 = all at once)
+  # moe.dispatch=auto: true times the candidate strategies on the run's routing and mesh
+  # and fixes one per MoE layer (hiermoe_jax/calibrate.py; no lax.switch in the step);
+  # false keeps the in-graph auto priced by moe.cost_profile.
+  auto_calibrate: bool = True
+  auto_recheck_steps: int = 100  # re-measure every N steps (0 = only on drift)
+  auto_margin: float = 0.1  # a strategy must be this much faster, twice in a row, to switch
+  auto_drift: float = 0.2  # re-measure when a layer's expert loads move this far (TV distance)
 
   def __post_init__(self):
     _check_fields(check_int, "train", self,
@@ -172,6 +179,10 @@ class TrainConfig:
     check_real("train.grad_clip", self.grad_clip, 0, strict=True)
     _check_interval("train.drop_warning", self.drop_warning, "in [0, 1]", lambda v: 0 <= v <= 1)
     check_bool("train.swap_migration_cost", self.swap_migration_cost, "true/false")
+    check_bool("train.auto_calibrate", self.auto_calibrate, "true/false")
+    check_int("train.auto_recheck_steps", self.auto_recheck_steps, low=0)
+    _check_interval("train.auto_margin", self.auto_margin, "in [0, 1)", lambda v: 0 <= v < 1)
+    _check_interval("train.auto_drift", self.auto_drift, "in (0, 1]", lambda v: 0 < v <= 1)
     if not isinstance(self.swap_profile, str) or not self.swap_profile:
       fail("train.swap_profile", self.swap_profile,
            "must be a shipped profile name (e.g. 'default') or a path to a profile JSON")

@@ -20,7 +20,9 @@ Memory at scale:
 
 from __future__ import annotations
 
+import copy
 import functools
+import time
 from typing import Any
 
 import flax.struct
@@ -31,6 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hiermoe_jax import calibrate
 from hiermoe_jax import mesh as mesh_lib
 from hiermoe_jax.errors import fail
 from models import loss as loss_lib
@@ -60,9 +63,10 @@ class StepMetrics:
   dropped: jax.Array
   imbalance: jax.Array
   strategy_index: jax.Array  # per MoE layer: index into hm.config.STRATEGIES of what ran
+  expert_counts: jax.Array  # [L, E] (token, expert) pairs per logical expert, per MoE layer
   finite: jax.Array  # bool []: loss, aux loss and grad norm finite; else the update was skipped
-  # Per MoE layer: routing ids [tokens, K] (token-sharded) for the swap controller;
-  # () unless train.swap_interval > 0, so that the ids stay off the hot path.
+  # Per MoE layer: routing ids [tokens, K] (token-sharded) for the swap controller and
+  # the host-side auto; () unless one is on, so that the ids stay off the hot path.
   topk_ids: tuple = ()
 
 
@@ -109,6 +113,7 @@ class Model:
     self.tx = make_optimizer(cfg.train)
     self.schedule = learning_rate(cfg.train)
     self.graphdef, abstract = nnx.get_abstract_model(self._new_model, mesh)
+    self._abstract = abstract
     self.moe_layers = nnx.merge(self.graphdef, abstract).moe_layers  # Transformer's
     abs_params, abs_buffers = nnx.split_state(abstract, nnx.Param, ...)
     replicated = NamedSharding(mesh, mesh_lib.replicated())
@@ -125,6 +130,22 @@ class Model:
     if cfg.train.batch_size % mesh.devices.size == 0 and rows % micro:
       fail("train.microbatches", micro, f"must divide the {rows} rows per device "
            f"(train.batch_size={cfg.train.batch_size} over {mesh.devices.size} devices)")
+
+  @property
+  def calibrating(self) -> bool:
+    """moe.dispatch=auto decided on the host (`AutoDispatch`), not in the graph."""
+    return self.cfg.moe.dispatch == "auto" and self.cfg.train.auto_calibrate
+
+  def with_dispatch(self, strategies: tuple[str, ...]) -> Model:
+    """This model with each MoE layer's strategy fixed (`Transformer.set_dispatch`): the
+    same state, another graph, its own jitted steps."""
+    model = nnx.merge(self.graphdef, self._abstract)
+    model.set_dispatch(strategies)
+    variant = copy.copy(self)
+    variant.graphdef = nnx.split(model)[0]
+    for name in ("jit_train_step", "jit_eval_step"):  # cached_property: one per graph
+      variant.__dict__.pop(name, None)
+    return variant
 
   def _new_model(self) -> Transformer:
     return Transformer(self.cfg.model, self.cfg.moe, mesh=self.mesh,
@@ -157,7 +178,8 @@ class Model:
     ce = loss_lib.cross_entropy(hidden_BSD, targets_BS, model.logits_of,
                                 self.cfg.train.loss_chunk)
     aux_loss = sum((a.aux_loss for a in auxes), jnp.float32(0))
-    topk_ids = tuple(a.topk_ids for a in auxes) if self.cfg.train.swap_interval else ()
+    wants_ids = self.cfg.train.swap_interval or self.calibrating
+    topk_ids = tuple(a.topk_ids for a in auxes) if wants_ids else ()
     return ce + aux_loss, (ce, aux_loss, MoEStats.of(auxes), topk_ids)
 
   def _gradients(self, params, buffers, inputs_BS, targets_BS):
@@ -233,6 +255,7 @@ class Model:
         imbalance=_stack([imbalance(c, p, devices)
                           for c, p in zip(stats.expert_counts, placements)]),
         strategy_index=_stack(stats.strategy_index),
+        expert_counts=_stack(stats.expert_counts),
         finite=finite,
         topk_ids=topk_ids)
     # A non-finite step consumes its batch (step and rng advance) but keeps the old
@@ -267,6 +290,85 @@ class Model:
   @functools.cached_property
   def jit_eval_step(self):
     return jax.jit(self.eval_step)
+
+
+class AutoDispatch:
+  """moe.dispatch=auto decided on the host (train.auto_calibrate): times the candidate
+  strategies on the run's own routing and mesh (`hiermoe_jax.calibrate`), fixes one per
+  MoE layer - one for all scanned layers, the least total - and runs the train step
+  compiled for those choices, without lax.switch. One program per distinct choice
+  tuple, cached; every process reaches the same choices (calibrate.measure)."""
+
+  REPEATS = 5  # interleaved timed calls per candidate and layer (the median counts)
+
+  def __init__(self, model: Model):
+    tc = model.cfg.train
+    self.model = model
+    self.tuner = calibrate.AutoTuner(
+        len(model.moe_layers), calibrate.candidates(model.cfg.moe, model.mesh),
+        shared=model.cfg.model.scan_layers, recheck_steps=tc.auto_recheck_steps,
+        margin=tc.auto_margin, drift_threshold=tc.auto_drift)
+    self._programs = {}  # choices -> (Model with those strategies, compiled train step)
+
+  @property
+  def compiles(self) -> int:
+    """Train steps compiled so far: one per distinct choice tuple."""
+    return len(self._programs)
+
+  def current(self) -> Model:
+    """The model with the current choices (for eval), if its step is compiled."""
+    return self._programs[self.tuner.choices][0]
+
+  def train_step(self, state: TrainState, batch) -> Any:
+    """The compiled train step of the current choices (compiled on first use)."""
+    choices = self.tuner.choices
+    if choices not in self._programs:
+      variant = self.model.with_dispatch(choices)
+      self._programs[choices] = (variant, variant.jit_train_step.lower(state, *batch).compile())
+    return self._programs[choices][1]
+
+  def check(self, step: int, state: TrainState, topk_ids=(), expert_counts=None) -> dict | None:
+    """Measures and decides if due (`AutoTuner.due`); returns the decision record.
+    Before the first step (no topk_ids) it times an untrained router's uniform routing
+    and asks for a check on the run's own routing after the next step."""
+    if len(self.tuner.candidates) == 1:  # one node (or device per node): nothing to time
+      return None if self.tuner.choices else self._only_candidate(step)
+    counts = None if expert_counts is None else np.asarray(expert_counts)
+    reason = self.tuner.due(step, counts)
+    if reason is None:
+      return None
+    t0 = time.perf_counter()
+    times = self._measure(state, topk_ids)
+    record = self.tuner.decide(step, times, reason=reason, counts=counts,
+                               calibration_ms=(time.perf_counter() - t0) * 1e3)
+    if not topk_ids:
+      self.tuner.request("routing")
+    return record
+
+  def _only_candidate(self, step: int) -> dict:
+    self.tuner.choices = self.tuner.candidates * self.tuner.layers
+    return {"step": step, "reason": "one candidate", "calibration_ms": 0.0, "times_ms": [],
+            "choices": list(self.tuner.choices), "changed": [], "pending": {},
+            "shared": self.tuner.shared}
+
+  def _measure(self, state: TrainState, topk_ids) -> list[dict[str, float]]:
+    cfg, mesh = self.model.cfg, self.model.mesh
+    placements = placements_of(state.buffers, self.model.moe_layers, cfg.model).values()
+    time_layer = functools.partial(calibrate.time_layer, mesh, cfg.moe, repeats=self.REPEATS,
+                                   seed=cfg.train.seed)
+    if not topk_ids:  # the same routing for every layer: time it once
+      tokens = cfg.train.batch_size * cfg.train.seq_len // cfg.train.microbatches
+      times = time_layer(calibrate.uniform_ids(cfg.moe, tokens, cfg.train.seed))
+      return [times] * len(self.model.moe_layers)
+    return [time_layer(self._first_microbatch(ids), placement=placement)
+            for ids, placement in zip(topk_ids, placements)]
+
+  def _first_microbatch(self, ids_TK):
+    """A step's routing ids [B * S, K] -> those of one microbatch, the tokens one MoE call
+    sees (global rows i * M, `_microbatches`), in its token order."""
+    tc = self.model.cfg.train
+    ids_BSK = ids_TK.reshape(tc.batch_size, tc.seq_len, -1)
+    return ids_BSK[::tc.microbatches].reshape(-1, ids_TK.shape[-1])
 
 
 def placements_of(buffers, layers, model_cfg: ModelConfig) -> dict[int, jax.Array]:

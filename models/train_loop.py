@@ -42,7 +42,8 @@ from models import data as data_lib
 from models.checkpoint import CheckpointError, Checkpointer
 from models.config import Config, ConfigError, ModelConfig, as_run_keys
 from models.metrics import MetricsLog, ProgressBar, step_record
-from models.steps import Model, TrainState, nonfinite_leaves, placements_of, with_placements
+from models.steps import (AutoDispatch, Model, TrainState, nonfinite_leaves, placements_of,
+                          with_placements)
 from models.transformer import block_site
 
 
@@ -329,11 +330,13 @@ def _resume(model: Model, checkpointer: Checkpointer, controller: SwapController
 
 
 def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = None,
-        verbose: bool = True) -> RunResult:
+        verbose: bool = True, profile_steps: tuple[int, int] | None = None) -> RunResult:
   """Trains to cfg.train.steps, resuming from run_dir's latest checkpoint if any.
 
   stop_after: return after this many steps of this invocation without a final
     checkpoint, as if the process were killed (tests of resume use it).
+  profile_steps: (A, B): a jax.profiler trace of steps A..B (numbered as in
+    metrics.jsonl, inclusive) in run_dir/profile (Perfetto/XProf).
   """
   tc = cfg.train
   lead = jax.process_index() == 0
@@ -365,12 +368,43 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
     try:
       with StopSignals() as signals:
         loop = _Loop(model, controller, checkpointer, log, signals,
-                     ProgressBar(start, tc.steps, enabled=verbose), lead, verbose)
-        return loop.run(state, start, train_batches, eval_batches, stop_after)
+                     ProgressBar(start, tc.steps, enabled=verbose), lead, verbose,
+                     auto=AutoDispatch(model) if model.calibrating else None,
+                     trace=_Trace(run_dir / "profile", profile_steps))
+        with loop.trace:
+          return loop.run(state, start, train_batches, eval_batches, stop_after)
     finally:
       log.close()
   finally:
     checkpointer.close()
+
+
+@dataclasses.dataclass
+class _Trace:
+  """A jax.profiler trace of steps [first, last] (metrics.jsonl numbering) in `directory`,
+  one subdirectory per process when there are several."""
+  directory: pathlib.Path | None
+  steps: tuple[int, int] | None
+  running: bool = False
+
+  def before(self, step: int) -> None:
+    if self.steps and step == self.steps[0]:
+      multi = jax.process_count() > 1
+      jax.profiler.start_trace(self.directory / (f"process_{jax.process_index()}" if multi
+                                                 else ""), create_perfetto_trace=True)
+      self.running = True
+
+  def after(self, step: int) -> None:
+    if self.running and step == self.steps[1]:
+      self.__exit__()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self.running:
+      self.running = False
+      jax.profiler.stop_trace()
 
 
 @dataclasses.dataclass
@@ -384,8 +418,11 @@ class _Loop:
   bar: ProgressBar
   lead: bool
   verbose: bool
+  auto: AutoDispatch | None = None  # moe.dispatch=auto decided on the host
+  trace: _Trace = dataclasses.field(default_factory=lambda: _Trace(None, None))  # no trace
   last_drop_warning: int | None = None  # step of the last capacity warning
   nonfinite_in_a_row: int = 0
+  calibrations: list = dataclasses.field(default_factory=list)  # for the next record
 
   def run(self, state, start, train_batches, eval_batches, stop_after) -> RunResult:
     model, tc = self.model, self.model.cfg.train
@@ -395,10 +432,11 @@ class _Loop:
     if start < tc.steps:
       t0 = time.perf_counter()
       batch = _device_batch(model, train_batches, start, rows)
-      step_fn = model.jit_train_step.lower(state, *batch).compile()
+      step_fn = self._compile(state, batch, start)
       _log(f"compiled the train step in {time.perf_counter() - t0:.1f}s "
            f"(mesh {dict(model.mesh.shape)}, from step {start})", self.verbose)
     for step in range(start, tc.steps):
+      self.trace.before(step + 1)
       t0 = time.perf_counter()
       batch = _device_batch(model, train_batches, step, rows)
       state, metrics = step_fn(state, *batch)
@@ -406,14 +444,23 @@ class _Loop:
       metrics = jax.device_get(metrics)
       step_time = time.perf_counter() - t0
       done = step + 1
+      self.trace.after(done)
       swaps = []
       if self.controller is not None and metrics.finite:  # a NaN step's routing is noise
         state, swaps = _swap(model, self.controller, done, state, topk_ids)
+      if self.auto is not None and metrics.finite and done < tc.steps:  # a next step to run
+        if swaps:  # the placement moved the traffic
+          self.auto.tuner.request("swap")
+        step_fn = self._recalibrate(done, state, batch, topk_ids, metrics.expert_counts,
+                                    step_fn)
       eval_loss = None
       if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-        eval_loss = evaluate(model, state, eval_batches, rows)
+        eval_loss = evaluate(self.auto.current() if self.auto else model, state, eval_batches,
+                             rows)
       record = step_record(done, metrics, step_time_s=step_time,
                            tokens=tc.batch_size * tc.seq_len, eval_loss=eval_loss, swaps=swaps)
+      if self.calibrations:
+        record["auto_calibration"], self.calibrations = self.calibrations, []
       records.append(record)
       self.log.write(record)
       self.bar.update(done, record["loss"], eval_loss)
@@ -425,6 +472,24 @@ class _Loop:
       if interrupted or (stop_after is not None and done - start >= stop_after):
         break
     return RunResult(state=state, records=records, start_step=start, interrupted=interrupted)
+
+  def _compile(self, state, batch, start: int):
+    """The compiled train step; with the host-side auto, for the choices measured now."""
+    if self.auto is None:
+      return self.model.jit_train_step.lower(state, *batch).compile()
+    return self._recalibrate(start, state, batch, (), None, None)
+
+  def _recalibrate(self, step: int, state, batch, topk_ids, expert_counts, step_fn):
+    """A host-side auto check if due: logs its decision, returns the step to run next."""
+    record = self.auto.check(step, state, topk_ids, expert_counts)
+    if record is None:
+      return step_fn
+    step_fn = self.auto.train_step(state, batch)
+    record["compiled_programs"] = self.auto.compiles
+    self.calibrations.append(record)
+    _log(f"auto ({record['reason']}, step {step}): {', '.join(record['choices'])} in "
+         f"{record['calibration_ms']:.0f} ms, {self.auto.compiles} program(s)", self.verbose)
+    return step_fn
 
   def _check_drops(self, record: dict) -> None:
     """Warns (at most once per DROP_WARNING_EVERY steps) when a layer's capacity drops

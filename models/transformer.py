@@ -334,6 +334,20 @@ class Transformer(nnx.Module):
                                           jnp.stack([counts[i] for i in layers]),
                                           stack.ffn.config.bias_update_rate)
 
+  def set_dispatch(self, strategies) -> None:
+    """Fixes each MoE layer's strategy (one per `moe_layers` entry): a static field of
+    the graph, so each tuple is its own program. Scanned layers share one program and
+    must share one strategy."""
+    choice = dict(zip(self.moe_layers, strategies, strict=True))
+    if self.cfg.scan_layers:
+      if len(set(strategies)) > 1:
+        raise ValueError(f"set_dispatch: scanned MoE layers share one program; got {strategies}")
+      moes = [stack.ffn for stack in self.stacks if isinstance(stack.ffn, hm.MoE)]
+    else:
+      moes = [self.blocks[layer].ffn for layer in self.moe_layers]
+    for moe, layer in zip(moes, self.moe_layers):
+      moe.config = moe.config.replace(dispatch=choice[layer])
+
 
 def moe_aux_by_layer(intermediates: nnx.State) -> list[hm.MoEAux]:
   """The MoEAux of each MoE layer, in layer order (from `nnx.capture(model, nnx.Intermediate)`)."""

@@ -124,7 +124,8 @@ RUN_CASES = {
               "swap_interval": "-1", "swap_window": "-1", "swap_max_pairs": "-1",
               "swap_profile": "", "swap_migration_cost": "maybe", "on_nan": "maybe",
               "nan_skip_limit": "-1", "drop_warning": "1.5", "loss_chunk": "-1",
-              "microbatches": "0"},
+              "microbatches": "0", "auto_calibrate": "maybe", "auto_recheck_steps": "-1",
+              "auto_margin": "1", "auto_drift": "0"},
     "data": {"path": "", "eval_fraction": "1", "token_dtype": "int8"},
     "mesh": {"nodes": "0", "local": "-1"},
 }

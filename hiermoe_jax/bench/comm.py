@@ -17,18 +17,26 @@ or one process per node under `scripts/launch.py`. Each result adds "time_ms"
 {min, median, max} and "predicted_ms" (the `--profile` cost model on the same
 buffer sizes). `--fit-profile OUT.json` first fits a cost profile on this mesh
 (and then predicts with it).
+
+`auto` in timed mode: with `--profile` (or `--fit-profile`) it is the in-graph `auto`
+(the cost model prices the live routing per call, `lax.switch`); without, it calibrates
+as the trainer's host-side auto does (`hiermoe_jax.calibrate`): each candidate's
+dispatch + combine is timed on this routing and mesh, the fastest runs as a plain
+program, and the report gives the calibration time ("calibration_ms") and the choice.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
-from hiermoe_jax import cost, traffic
+from hiermoe_jax import calibrate, cost, traffic
 from hiermoe_jax.bench import cli, synthetic
 from hiermoe_jax.bench import variants as variants_lib
 from hiermoe_jax.bench.variants import Variant
@@ -70,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                       f"{list(registry.names())} or auto (timed mode also "
                       f"{list(BASELINES)}); FIELD one of {list(variants_lib.FIELDS)}, e.g. "
                       "hier_dedup:comm_dtype=bfloat16:overlap_chunks=4")
-  p.add_argument("--profile", default="default",
-                 help="cost profile for predicted_ms and auto: a shipped name or a JSON path")
+  p.add_argument("--profile", default=None,
+                 help="cost profile for predicted_ms and the in-graph auto: a shipped name "
+                      "or a JSON path (default: 'default'; timed mode without it: auto "
+                      "calibrates on the mesh)")
   p.add_argument("--json", type=cli.output_file, default=None,
                  help="write JSON here ('-' for stdout)")
   timed = p.add_argument_group("timed mode")
@@ -160,11 +170,13 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
   if args.tokens % min(args.gspmd_group, args.tokens) and "gspmd" in bases:
     p.error(f"--gspmd-group={args.gspmd_group} is invalid: must divide --tokens={args.tokens}")
   if args.analytic or not args.fit_profile:  # a fitted profile replaces --profile
-    cli.check_profile(args.profile)
+    cli.check_profile(args.profile or "default")
 
 
-def analytic(args, ids=None, profile: cost.CostProfile | None = None) -> dict:
-  """Traffic, wire bytes and predicted ms of every variant (and auto's choice)."""
+def analytic(args, ids=None, profile: cost.CostProfile | None = None,
+             auto_choice: str | None = None) -> dict:
+  """Traffic, wire bytes and predicted ms of every variant (and auto's choice: the cost
+  model's, or `auto_choice` when calibrated)."""
   resolve_dtype(args)
   nodes, local = args.mesh
   shape = MeshShape(nodes, local)
@@ -172,7 +184,7 @@ def analytic(args, ids=None, profile: cost.CostProfile | None = None) -> dict:
     ids = routing(args.routing, devices=nodes * local, tokens=args.tokens,
                   num_experts=args.experts, top_k=args.topk, seed=args.seed)
   if profile is None:
-    profile = cost.load_profile(args.profile)
+    profile = cost.load_profile(args.profile or "default")
   cache = {}
 
   def stats(base: str, chunks: int = 1) -> dict:
@@ -189,7 +201,7 @@ def analytic(args, ids=None, profile: cost.CostProfile | None = None) -> dict:
   # auto: the candidate the model prices cheapest on this routing (as dispatch/auto.py)
   candidates = auto.candidates(shape, args.topk)
   auto_ms = {n: entry(Variant(n, n), n)["predicted_ms"] for n in candidates}
-  choice = min(candidates, key=lambda n: (auto_ms[n], registry.names().index(n)))
+  choice = auto_choice or min(candidates, key=lambda n: (auto_ms[n], registry.names().index(n)))
   results = []
   for v in variants_of(args):
     if v.base == "auto":
@@ -203,7 +215,7 @@ def analytic(args, ids=None, profile: cost.CostProfile | None = None) -> dict:
   config = {"mesh": f"{nodes}x{local}", "experts": args.experts, "topk": args.topk,
             "tokens": args.tokens, "hidden": args.hidden, "routing": args.routing,
             "seed": args.seed, "capacity_factor": args.capacity_factor, "dtype": args.dtype,
-            "bytes_per_elem": args.bytes_per_elem, "profile": args.profile,
+            "bytes_per_elem": args.bytes_per_elem, "profile": args.profile or "default",
             "inter_node_floor_rows": floor}
   return {"config": config, "results": results,
           "flat_baseline": {"rows": flat["rows"], "max_rows_per_peer": flat["max_rows_per_peer"]},
@@ -315,11 +327,21 @@ def timed(args) -> dict | None:
               f"ms/B ({1e-6 / max(d['beta_ms_per_byte'], 1e-30):.2f} GB/s)  r^2 "
               f"{d['r2']:.3f}")
   else:
-    profile = cost.load_profile(args.profile)
-  report = analytic(args, ids, profile)  # auto decided with the profile in use
+    profile = cost.load_profile(args.profile or "default")
+  calibration = None
+  if (args.profile is None and not args.fit_profile and not args.fit_only
+      and any(v.base == "auto" for v in variants)):
+    calibration = calibrated_auto(timed_lib, mesh, ids, args)
+    choice = calibration["choices"][0]
+    variants = [Variant(v.spec, choice, v.fields) if v.base == "auto" else v for v in variants]
+  # auto decided with the profile in use, or calibrated
+  report = analytic(args, ids, profile, calibration and calibration["choices"][0])
   report["config"].update(mode="timed", repeats=args.repeats, warmup=args.warmup,
                           backward=args.backward, processes=jax.process_count(),
-                          profile=args.fit_profile or args.profile)
+                          profile=args.fit_profile or args.profile or "default")
+  if calibration is not None:
+    report["auto"].update(mode="calibrated", calibration_ms=calibration["calibration_ms"],
+                          calibration_times_ms=calibration["times_ms"][0])
   if fit_details is not None:
     report["fit"] = fit_details
     if args.fit_only:
@@ -332,6 +354,9 @@ def timed(args) -> dict | None:
                              profile=profile)
   for v, r in zip(variants, report["results"]):
     r.update(info[v.spec])
+    if "auto_choice" in r and calibration is not None:  # a plain program of the choice
+      r.update(auto_mode="calibrated", calibration_ms=calibration["calibration_ms"],
+               hop_capacity_by_strategy={r["auto_choice"]: r["hop_capacity"]})
     if v.base == "auto":
       priced, caps, chunks = r["auto_choice"], r["hop_capacity_by_strategy"][r["auto_choice"]], 1
       bpe = args.bytes_per_elem
@@ -343,6 +368,25 @@ def timed(args) -> dict | None:
     if args.backward:  # the VJP repeats every all-to-all once more
       r["predicted_ms"] *= 2
   return report if leader else None
+
+
+def calibrated_auto(timed_lib, mesh, ids, args) -> dict:
+  """`auto` without --profile: times each candidate's dispatch + combine on this routing
+  and mesh, interleaved (`calibrate.measure`, as the trainer's host-side auto) and
+  takes the fastest. Returns the `calibrate.AutoTuner` decision record; its
+  calibration_ms includes compiling the candidates."""
+  t0 = time.perf_counter()
+  shape = MeshShape.of(mesh)
+  names = auto.candidates(shape, args.topk)
+  x, slots, w = timed_lib.routed_inputs(ids, args.hidden, args.dtype, args.seed)
+  inputs = [timed_lib.global_array(mesh, a) for a in (x, slots, w, x)]
+  steps = {name: functools.partial(timed_lib.exchange_step(
+      mesh, name, timed_lib.tight_hop_caps(ids, name, shape, args.experts), args.experts,
+      args.backward), *inputs) for name in names}
+  times = calibrate.measure(steps, repeats=args.repeats, warmup=args.warmup)
+  tuner = calibrate.AutoTuner(layers=1, candidates=names)
+  return tuner.decide(0, [times], reason="start",
+                      calibration_ms=(time.perf_counter() - t0) * 1e3)
 
 
 def _stage_bytes_of(timed_lib, ids, variant: Variant, shape, args) -> int:
@@ -391,5 +435,10 @@ def main(argv=None) -> int:
   print(table(report, predicted=False))
   if "time_ms" in report["results"][0]:
     print(timed_table(report))
+  if report["auto"].get("mode") == "calibrated":
+    a = report["auto"]
+    ms = ", ".join(f"{n} {t:.2f} ms" for n, t in a["calibration_times_ms"].items())
+    print(f"auto calibrated on this mesh: {a['choice']} ({ms}) in "
+          f"{a['calibration_ms']:.0f} ms (compilation included)")
   _write_json(report, args.json)
   return 0
