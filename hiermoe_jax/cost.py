@@ -248,6 +248,7 @@ def predict(strategy: str | Strategy, traffic_or_rows, profile: CostProfile, *, 
 
 
 KNEE_GAIN = 2.0  # a knee must cut the squared relative error by this factor to be kept
+OUTLIER_FACTOR = 2.0  # a size the fit misses by more than this factor is refitted without
 
 
 def _nonnegative_lstsq(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -276,6 +277,14 @@ def _fit_relative(x: np.ndarray, y: np.ndarray, knee: float | None):
   return StageCost(float(coef[0]), float(coef[1]), float(excess[0]), float(excess[1])), err
 
 
+def _fit_kneed(x: np.ndarray, y: np.ndarray, knee: bool) -> StageCost:
+  """The line, or the best line with a knee if that halves its error (KNEE_GAIN)."""
+  fitted, err = _fit_relative(x, y, None)
+  knees = np.unique(x)[1:-2] if knee else ()  # >= 2 sizes on each side of a knee
+  bent = min((_fit_relative(x, y, float(k)) for k in knees), key=lambda f: f[1], default=None)
+  return bent[0] if bent is not None and bent[1] * KNEE_GAIN < err else fitted
+
+
 def fit_stage(num_bytes, times_ms, *, knee: bool = True) -> tuple[StageCost, float]:
   """Fits a StageCost (all coefficients >= 0) to measured (bytes, ms) pairs.
 
@@ -283,8 +292,9 @@ def fit_stage(num_bytes, times_ms, *, knee: bool = True) -> tuple[StageCost, flo
   and a plain least-squares line is steered by the largest messages, whose
   higher per-byte cost (cache misses) pushed alpha below 0 and over-priced small
   ones. With `knee`, a second slope past one of the measured sizes is tried and
-  kept when it cuts that error KNEE_GAIN-fold. Returns (StageCost, r^2 of the
-  times).
+  kept when it cuts that error KNEE_GAIN-fold. Sizes the fit misses by more than
+  OUTLIER_FACTOR x (at most a quarter of them: a hiccup of a shared machine) are
+  dropped and the rest refitted. Returns (StageCost, r^2 over all the times).
   """
   x = np.asarray(num_bytes, np.float64).ravel()
   y = np.asarray(times_ms, np.float64).ravel()
@@ -295,11 +305,12 @@ def fit_stage(num_bytes, times_ms, *, knee: bool = True) -> tuple[StageCost, flo
     raise ValueError("fit_stage needs at least two distinct message sizes")
   if not np.all(y > 0):
     raise ValueError(f"fit_stage needs positive times; got min {y.min()} ms")
-  fitted, err = _fit_relative(x, y, None)
-  knees = np.unique(x)[1:-2] if knee else ()  # >= 2 sizes on each side of a knee
-  bent = min((_fit_relative(x, y, float(k)) for k in knees), key=lambda f: f[1], default=None)
-  if bent is not None and bent[1] * KNEE_GAIN < err:
-    fitted = bent[0]
+  fitted = _fit_kneed(x, y, knee)
+  off = np.abs(np.log(y / np.maximum(fitted.time_ms(x), 1e-12)))
+  outliers = np.argsort(off)[::-1][: x.size // 4]
+  outliers = outliers[off[outliers] > np.log(OUTLIER_FACTOR)]
+  if outliers.size and np.unique(np.delete(x, outliers)).size >= 2:
+    fitted = _fit_kneed(np.delete(x, outliers), np.delete(y, outliers), knee)
   resid = y - fitted.time_ms(x)
   total = np.sum((y - y.mean()) ** 2)
   r2 = float(1.0 - np.sum(resid ** 2) / total) if total > 0 else 1.0

@@ -158,6 +158,17 @@ def test_fit_recovers_positive_alpha_and_knee_where_a_line_goes_negative():
   np.testing.assert_allclose(fitted.time_ms(nbytes), times, rtol=0.06)
 
 
+def test_fit_drops_a_hiccup():
+  # The smallest size timed 3x slow (seen on the shared machine) would drag alpha up.
+  nbytes = np.geomspace(0.125e6, 64e6, 10)
+  times = convex_stage_times(nbytes)
+  times[0] *= 3
+  fitted, _ = cost.fit_stage(nbytes, times)
+  assert fitted.alpha_ms == pytest.approx(2.0, rel=0.15)
+  assert fitted.knee_bytes == pytest.approx(16e6, rel=0.01)
+  np.testing.assert_allclose(fitted.time_ms(nbytes[1:]), times[1:], rtol=0.06)
+
+
 def test_fit_keeps_a_line_when_no_knee_is_needed():
   nbytes = np.geomspace(0.125e6, 64e6, 10)
   times = convex_stage_times(nbytes, excess=0.0)
