@@ -294,7 +294,7 @@ def fit_stage(num_bytes, times_ms, *, knee: bool = True) -> tuple[StageCost, flo
   ones. With `knee`, a second slope past one of the measured sizes is tried and
   kept when it cuts that error KNEE_GAIN-fold. Sizes the fit misses by more than
   OUTLIER_FACTOR x (at most a quarter of them: a hiccup of a shared machine) are
-  dropped and the rest refitted. Returns (StageCost, r^2 over all the times).
+  dropped, the worst first, refitting after each. Returns (StageCost, r^2 over all the times).
   """
   x = np.asarray(num_bytes, np.float64).ravel()
   y = np.asarray(times_ms, np.float64).ravel()
@@ -306,11 +306,15 @@ def fit_stage(num_bytes, times_ms, *, knee: bool = True) -> tuple[StageCost, flo
   if not np.all(y > 0):
     raise ValueError(f"fit_stage needs positive times; got min {y.min()} ms")
   fitted = _fit_kneed(x, y, knee)
-  off = np.abs(np.log(y / np.maximum(fitted.time_ms(x), 1e-12)))
-  outliers = np.argsort(off)[::-1][: x.size // 4]
-  outliers = outliers[off[outliers] > np.log(OUTLIER_FACTOR)]
-  if outliers.size and np.unique(np.delete(x, outliers)).size >= 2:
-    fitted = _fit_kneed(np.delete(x, outliers), np.delete(y, outliers), knee)
+  kept = np.ones(x.size, bool)
+  for _ in range(x.size // 4):  # one at a time: a hiccup can hide the knee from the fit
+    off = np.where(kept, np.abs(np.log(y / np.maximum(fitted.time_ms(x), 1e-12))), 0)
+    worst = int(np.argmax(off))
+    kept[worst] = off[worst] <= np.log(OUTLIER_FACTOR)
+    if kept[worst] or np.unique(x[kept]).size < 2:
+      kept[worst] = True
+      break
+    fitted = _fit_kneed(x[kept], y[kept], knee)
   resid = y - fitted.time_ms(x)
   total = np.sum((y - y.mean()) ** 2)
   r2 = float(1.0 - np.sum(resid ** 2) / total) if total > 0 else 1.0
