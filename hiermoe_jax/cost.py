@@ -56,21 +56,43 @@ def _check_number(owner: str, field: str, value) -> float:
   return check_real(f"{owner}.{field}", value, 0)
 
 
+def _excess(num_bytes, knee_bytes):
+  """max(bytes - knee, 0) by arithmetic only, so it traces like plain numbers do."""
+  over = num_bytes - knee_bytes
+  return (over + abs(over)) / 2
+
+
 @dataclasses.dataclass(frozen=True)
 class StageCost:
-  """time_ms = alpha_ms + beta_ms_per_byte * bytes."""
+  """time_ms = alpha_ms + beta_ms_per_byte * bytes
+             + excess_ms_per_byte * max(bytes - knee_bytes, 0).
+
+  The excess slope prices what a message past the knee pays on top (on CPU, a
+  buffer that no longer fits in cache); 0 (the default, as in older profiles)
+  is the plain alpha-beta line.
+  """
   alpha_ms: float
   beta_ms_per_byte: float
+  excess_ms_per_byte: float = 0.0
+  knee_bytes: float = 0.0
 
   def __post_init__(self):
-    for name in ("alpha_ms", "beta_ms_per_byte"):
+    for name in STAGE_FIELDS:
       object.__setattr__(self, name, _check_number("StageCost", name, getattr(self, name)))
 
   def time_ms(self, num_bytes):
-    return self.alpha_ms + self.beta_ms_per_byte * num_bytes
+    line = self.alpha_ms + self.beta_ms_per_byte * num_bytes
+    if not self.excess_ms_per_byte:
+      return line
+    return line + self.excess_ms_per_byte * _excess(num_bytes, self.knee_bytes)
 
   def to_dict(self) -> dict:
-    return {"alpha_ms": self.alpha_ms, "beta_ms_per_byte": self.beta_ms_per_byte}
+    fields = STAGE_FIELDS if self.excess_ms_per_byte else STAGE_FIELDS[:2]
+    return {name: getattr(self, name) for name in fields}
+
+
+STAGE_FIELDS = tuple(f.name for f in dataclasses.fields(StageCost))
+REQUIRED_STAGE_FIELDS = STAGE_FIELDS[:2]  # the excess slope and knee are optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +117,8 @@ class CostProfile:
     return getattr(self, kind)
 
   def to_json(self) -> str:
-    data = {"name": self.name, "units": {"alpha": "ms", "beta": "ms/byte"}}
+    data = {"name": self.name, "units": {"alpha": "ms", "beta": "ms/byte",
+                                         "excess": "ms/byte", "knee": "bytes"}}
     data.update({kind: self.stage(kind).to_dict() for kind in STAGE_KINDS})
     return json.dumps(data, indent=1)
 
@@ -111,9 +134,11 @@ class CostProfile:
         raise ConfigError(f"{source}: field {kind!r} is missing or not an object "
                           f"with alpha_ms and beta_ms_per_byte")
       values = {}
-      for field in ("alpha_ms", "beta_ms_per_byte"):
+      for field in STAGE_FIELDS:
         if field not in entry:
-          raise ConfigError(f"{source}: field {kind}.{field} is missing")
+          if field in REQUIRED_STAGE_FIELDS:
+            raise ConfigError(f"{source}: field {kind}.{field} is missing")
+          continue
         try:
           values[field] = _check_number(f"{kind}", field, entry[field])
         except ConfigError as e:
@@ -222,11 +247,54 @@ def predict(strategy: str | Strategy, traffic_or_rows, profile: CostProfile, *, 
   return predict_from_peak_rows(strategy, rows, profile, shape, d_model, bytes_per_elem)
 
 
-def fit_stage(num_bytes, times_ms) -> tuple[StageCost, float]:
-  """Least-squares alpha, beta (both >= 0) of times_ms ~ alpha + beta * bytes.
+KNEE_GAIN = 2.0  # a knee must cut the squared relative error by this factor to be kept
+OUTLIER_FACTOR = 2.0  # a size the fit misses by more than this factor is refitted without
 
-  Returns (StageCost, r^2). A negative intercept or slope is clamped to 0 and the
-  other coefficient refitted, so the result is always a valid StageCost.
+
+def _nonnegative_lstsq(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+  """min |a c - y|^2 over c >= 0, exactly, by trying every support (a has <= 3 columns):
+  the optimum is the unconstrained fit on its own support."""
+  cols = a.shape[1]
+  best, best_err = np.zeros(cols), float(np.sum(y ** 2))
+  for mask in range(1, 2 ** cols):
+    support = [j for j in range(cols) if mask >> j & 1]
+    coef, *_ = np.linalg.lstsq(a[:, support], y, rcond=None)
+    if np.all(coef >= 0):
+      full = np.zeros(cols)
+      full[support] = coef
+      err = float(np.sum((a @ full - y) ** 2))
+      if err < best_err:
+        best, best_err = full, err
+  return best, best_err
+
+
+def _fit_relative(x: np.ndarray, y: np.ndarray, knee: float | None):
+  """Non-negative alpha, beta (and excess past `knee`) minimizing squared relative error."""
+  columns = [np.ones_like(x), x] + ([_excess(x, knee)] if knee is not None else [])
+  a = np.stack(columns, 1) / y[:, None]
+  coef, err = _nonnegative_lstsq(a, np.ones_like(y))
+  excess = (coef[2], knee) if knee is not None and coef[2] > 0 else (0.0, 0.0)
+  return StageCost(float(coef[0]), float(coef[1]), float(excess[0]), float(excess[1])), err
+
+
+def _fit_kneed(x: np.ndarray, y: np.ndarray, knee: bool) -> StageCost:
+  """The line, or the best line with a knee if that halves its error (KNEE_GAIN)."""
+  fitted, err = _fit_relative(x, y, None)
+  knees = np.unique(x)[1:-2] if knee else ()  # >= 2 sizes on each side of a knee
+  bent = min((_fit_relative(x, y, float(k)) for k in knees), key=lambda f: f[1], default=None)
+  return bent[0] if bent is not None and bent[1] * KNEE_GAIN < err else fitted
+
+
+def fit_stage(num_bytes, times_ms, *, knee: bool = True) -> tuple[StageCost, float]:
+  """Fits a StageCost (all coefficients >= 0) to measured (bytes, ms) pairs.
+
+  Minimizes the squared *relative* error: a prediction is judged by its % error,
+  and a plain least-squares line is steered by the largest messages, whose
+  higher per-byte cost (cache misses) pushed alpha below 0 and over-priced small
+  ones. With `knee`, a second slope past one of the measured sizes is tried and
+  kept when it cuts that error KNEE_GAIN-fold. Sizes the fit misses by more than
+  OUTLIER_FACTOR x (at most a quarter of them: a hiccup of a shared machine) are
+  dropped, the worst first, refitting after each. Returns (StageCost, r^2 over all the times).
   """
   x = np.asarray(num_bytes, np.float64).ravel()
   y = np.asarray(times_ms, np.float64).ravel()
@@ -235,13 +303,19 @@ def fit_stage(num_bytes, times_ms) -> tuple[StageCost, float]:
                      f"{x.size} bytes and {y.size} times")
   if np.unique(x).size < 2:
     raise ValueError("fit_stage needs at least two distinct message sizes")
-  (alpha, beta), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
-  if alpha < 0:
-    alpha, beta = 0.0, float(np.dot(x, y) / np.dot(x, x))
-  if beta < 0:
-    alpha, beta = float(np.mean(y)), 0.0
-  alpha, beta = max(float(alpha), 0.0), max(float(beta), 0.0)
-  resid = y - (alpha + beta * x)
+  if not np.all(y > 0):
+    raise ValueError(f"fit_stage needs positive times; got min {y.min()} ms")
+  fitted = _fit_kneed(x, y, knee)
+  kept = np.ones(x.size, bool)
+  for _ in range(x.size // 4):  # one at a time: a hiccup can hide the knee from the fit
+    off = np.where(kept, np.abs(np.log(y / np.maximum(fitted.time_ms(x), 1e-12))), 0)
+    worst = int(np.argmax(off))
+    kept[worst] = off[worst] <= np.log(OUTLIER_FACTOR)
+    if kept[worst] or np.unique(x[kept]).size < 2:
+      kept[worst] = True
+      break
+    fitted = _fit_kneed(x[kept], y[kept], knee)
+  resid = y - fitted.time_ms(x)
   total = np.sum((y - y.mean()) ** 2)
   r2 = float(1.0 - np.sum(resid ** 2) / total) if total > 0 else 1.0
-  return StageCost(alpha, beta), r2
+  return fitted, r2

@@ -81,6 +81,18 @@ def test_fit_profile_on_mesh(mesh_name):
   assert all(len(d["bytes"]) == 3 for d in details.values())
 
 
+def test_fit_sweep_reaches_small_messages():
+  """The fitted sizes span max_bytes / FIT_SPAN .. max_bytes, so the trainer's small
+  stages (T=512, D=512: ~0.5-2 MB) are measured by a 64 MB sweep, not extrapolated."""
+  d, bpe, group = 1024, 4, 8
+  rows = timed._fit_rows(64_000_000, 10, group, d, bpe)
+  sizes = [cost.stage_bytes(group, r, d, bpe) for r in rows]
+  assert len(rows) == 10 and sizes == sorted(sizes)
+  assert sizes[0] == pytest.approx(64e6 / timed.FIT_SPAN, rel=0.05)
+  assert sizes[-1] == pytest.approx(64e6, rel=0.01)
+  assert np.allclose(np.diff(np.log(sizes)), np.log(timed.FIT_SPAN) / 9, rtol=0.1)
+
+
 def _run_cli(tmp_path, *extra):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")

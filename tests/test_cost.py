@@ -133,3 +133,103 @@ def test_stage_over_one_device_is_priced_as_its_local_hop():
   intra = 2 * (0.25 + 1e-6 * 8 * 9 * 64)
   assert cost.predict("hier_dedup", (100, 9), PROFILE, mesh_shape=(1, 8), d_model=16,
                       bytes_per_elem=4) == pytest.approx(local_hop + intra)
+
+
+def convex_stage_times(nbytes, alpha=2.0, beta=3e-6, excess=9e-6, knee=16e6, noise=0.02):
+  """Times of a stage that gets dearer per byte past `knee` (a CPU cache), 2% noise."""
+  rng = np.random.default_rng(1)
+  exact = alpha + beta * nbytes + excess * np.maximum(nbytes - knee, 0)
+  return exact * (1 + noise * rng.standard_normal(nbytes.shape))
+
+
+def test_fit_recovers_positive_alpha_and_knee_where_a_line_goes_negative():
+  nbytes = np.geomspace(0.125e6, 64e6, 10)  # the --fit-points 10 sweep up to 64 MB
+  times = convex_stage_times(nbytes)
+  # Why the old fit clamped alpha to 0: a least-squares line's intercept is < 0 here.
+  intercept = np.polyfit(nbytes, times, 1)[1]
+  assert intercept < 0
+  fitted, r2 = cost.fit_stage(nbytes, times)
+  assert fitted.alpha_ms == pytest.approx(2.0, rel=0.1)
+  assert fitted.beta_ms_per_byte == pytest.approx(3e-6, rel=0.1)
+  assert fitted.knee_bytes == pytest.approx(16e6, rel=0.01)  # the sweep point nearest
+  assert fitted.excess_ms_per_byte == pytest.approx(9e-6, rel=0.1)
+  assert r2 > 0.99
+  # Every size, the smallest included, is priced within a few % of its time.
+  np.testing.assert_allclose(fitted.time_ms(nbytes), times, rtol=0.06)
+
+
+def test_fit_drops_a_hiccup():
+  # The smallest size timed 3x slow (seen on the shared machine) would drag alpha up.
+  nbytes = np.geomspace(0.125e6, 64e6, 10)
+  times = convex_stage_times(nbytes)
+  times[0] *= 3
+  fitted, _ = cost.fit_stage(nbytes, times)
+  assert fitted.alpha_ms == pytest.approx(2.0, rel=0.15)
+  assert fitted.knee_bytes == pytest.approx(16e6, rel=0.01)
+  np.testing.assert_allclose(fitted.time_ms(nbytes[1:]), times[1:], rtol=0.06)
+
+
+def test_fit_keeps_a_line_when_no_knee_is_needed():
+  nbytes = np.geomspace(0.125e6, 64e6, 10)
+  times = convex_stage_times(nbytes, excess=0.0)
+  fitted, _ = cost.fit_stage(nbytes, times)
+  assert fitted.excess_ms_per_byte == 0 and fitted.knee_bytes == 0
+  assert fitted.alpha_ms == pytest.approx(2.0, rel=0.1)
+  line, _ = cost.fit_stage(nbytes, convex_stage_times(nbytes), knee=False)
+  assert line.excess_ms_per_byte == 0 and line.alpha_ms > 0
+  with pytest.raises(ValueError, match="positive times"):
+    cost.fit_stage([1e6, 2e6], [1.0, 0.0])
+
+
+OLD_PROFILE = """{"name": "before the knee", "units": {"alpha": "ms", "beta": "ms/byte"},
+ "flat": {"alpha_ms": 0.0, "beta_ms_per_byte": 2e-05},
+ "inter": {"alpha_ms": 0.5, "beta_ms_per_byte": 3e-05},
+ "intra": {"alpha_ms": 0.0, "beta_ms_per_byte": 6e-06}}"""
+
+
+def test_old_profile_json_loads_as_a_line(tmp_path):
+  path = tmp_path / "old.json"
+  path.write_text(OLD_PROFILE)
+  old = cost.load_profile(str(path))
+  assert old.inter == cost.StageCost(0.5, 3e-5)
+  assert old.inter.excess_ms_per_byte == 0 and old.inter.knee_bytes == 0
+  assert old.inter.time_ms(1e8) == pytest.approx(0.5 + 3e-5 * 1e8)
+  assert "knee_bytes" not in json.loads(old.to_json())["inter"]  # a line saves as before
+  kneed = cost.CostProfile(flat=old.flat, inter=cost.StageCost(0.5, 3e-5, 1e-5, 4e6),
+                           intra=old.intra)
+  assert cost.CostProfile.from_json(kneed.to_json()) == kneed
+
+
+def test_bad_knee_field_names_it(tmp_path):
+  path = tmp_path / "bad.json"
+  path.write_text(OLD_PROFILE.replace('"beta_ms_per_byte": 3e-05',
+                                      '"beta_ms_per_byte": 3e-05, "knee_bytes": -1'))
+  with pytest.raises(ValueError, match=r"inter\.knee_bytes=-1"):
+    cost.load_profile(str(path))
+
+
+KNEED = cost.CostProfile(flat=cost.StageCost(1.0, 2e-6, 6e-6, 1e6),
+                         inter=cost.StageCost(0.5, 4e-6), intra=cost.StageCost(0.25, 1e-6))
+
+
+def test_small_stage_is_priced_by_its_line_and_large_one_pays_the_excess():
+  flat = KNEED.flat
+  assert flat.time_ms(0) == 1.0  # alpha: what an empty stage still costs
+  assert flat.time_ms(5e5) == pytest.approx(1.0 + 2e-6 * 5e5)  # below the knee
+  assert flat.time_ms(1e6) == pytest.approx(1.0 + 2e-6 * 1e6)  # continuous at it
+  assert flat.time_ms(3e6) == pytest.approx(1.0 + 2e-6 * 3e6 + 6e-6 * 2e6)
+  # Per byte, a small message costs less than a large one: the reason for the knee.
+  shape, d, bpe = MeshShape(2, 4), 512, 4
+  small, large = (cost.predict("flat", [rows], KNEED, mesh_shape=shape, d_model=d,
+                               bytes_per_elem=bpe) for rows in (32, 1024))
+  assert small == pytest.approx(2 * (1.0 + 2e-6 * 8 * 32 * d * bpe))  # 0.52 MB
+  assert (large - 2) / 1024 > (small - 2) / 32
+
+
+def test_kneed_profile_prices_the_same_under_jit():
+  shape = MeshShape(2, 4)
+  rows = jnp.array([64, 700, 1024], jnp.int32)
+  traced = jax.jit(jax.vmap(lambda r: cost.predict_from_peak_rows("flat", (r,), KNEED, shape,
+                                                                  512, 4)))(rows)
+  host = [cost.predict_from_peak_rows("flat", (int(r),), KNEED, shape, 512, 4) for r in rows]
+  np.testing.assert_allclose(traced, host, rtol=1e-6)

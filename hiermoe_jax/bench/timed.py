@@ -22,7 +22,7 @@ mask einsum under jit, with a sharding constraint moving the expert dim onto
 ("node", "local"), so XLA inserts the all-to-all (and the reverse for combine).
 
 `fit_profile` times one exchange hop of each kind (flat, inter, intra) over a sweep
-of message sizes and fits alpha, beta per kind (`cost.fit_stage`).
+of message sizes, small to large, and fits each kind's StageCost (`cost.fit_stage`).
 """
 
 from __future__ import annotations
@@ -364,18 +364,23 @@ def stage_routing(shape: MeshShape, kind: str, tokens: int, rows: int) -> np.nda
   return dest.reshape(shape.devices, tokens, top_k).astype(np.int32)
 
 
+FIT_SPAN = 512  # the smallest fitted stage is max_bytes / FIT_SPAN
+
+
 def _fit_rows(max_bytes: int, points: int, group: int, d_model: int, bpe: int) -> list[int]:
-  """Distinct rows per peer of the fitted sizes: geometric up to max_bytes per stage."""
-  targets = (max_bytes / 2 ** (points - 1 - i) for i in range(points))
+  """Distinct rows per peer of the fitted sizes: `points` geometric steps from
+  max_bytes / FIT_SPAN to max_bytes per stage, so small messages (the trainer's)
+  are measured, not extrapolated from large ones."""
+  targets = np.geomspace(max_bytes / FIT_SPAN, max_bytes, points)
   return sorted({max(1, int(round(t / (group * d_model * bpe)))) for t in targets})
 
 
 def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
                 repeats: int, warmup: int, tokens: int,
                 name: str = "") -> tuple[cost.CostProfile, dict]:
-  """Sweeps message sizes per stage kind, fits alpha/beta; returns (profile, details).
+  """Sweeps message sizes per stage kind, fits its StageCost; returns (profile, details).
 
-  Message sizes are geometric from max_bytes / 2**(points-1)... max_bytes, in bytes of
+  Message sizes are geometric from max_bytes / FIT_SPAN to max_bytes, in bytes of
   one stage (group * rows per peer * D * bytes per element, as in `cost`). Each is
   a real dedup hop (`stage_step`) from the benchmark's T tokens per device (more
   when a stage needs more rows per peer than T). On CPU this prices a strategy
@@ -414,6 +419,6 @@ def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
     per_stage = np.array([np.median(times[k]) / 2 for k in keys])  # 2 stages per call
     fitted, r2 = cost.fit_stage(nbytes, per_stage)
     stages[kind] = fitted
-    details[kind] = {"alpha_ms": fitted.alpha_ms, "beta_ms_per_byte": fitted.beta_ms_per_byte,
-                     "r2": r2, "bytes": nbytes.tolist(), "stage_ms": per_stage.tolist()}
+    details[kind] = {**fitted.to_dict(), "r2": r2, "bytes": nbytes.tolist(),
+                     "stage_ms": per_stage.tolist()}
   return cost.CostProfile(**stages, name=name), details
