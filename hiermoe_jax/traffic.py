@@ -1,8 +1,9 @@
 """Exact, host-side traffic statistics of every strategy (numpy, no devices).
 
 `stats(topk_ids, mesh_shape=(N, G), num_experts=E, ...)` replays each strategy's
-hops on the routing with the same rules as the exchange engine: a row per (item,
-destination peer) in item order, the first `capacity` rows per (device, peer)
+hops on the routing with the same rules as the exchange engine: first the
+capacity decision (per device, per expert, the first C pairs in token order
+kept; dispatch/keep.py), then a row per (item, destination peer) in item order, the first `capacity` rows per (device, peer)
 kept, receivers ordering rows by source peer then position, and the expert stage
 keeping the first `capacity` entries per local expert. It works on a table of
 (token, expert) pairs, so meshes far larger than this machine (32x8) are cheap.
@@ -29,18 +30,30 @@ def _ranks(keys_sorted_by_group: np.ndarray) -> np.ndarray:
   return np.arange(n) - first
 
 
+def kept_pairs(slots_ATK: np.ndarray, pair_cap: int) -> np.ndarray:
+  """The capacity decision on the host: per device, per expert, the first
+  `pair_cap` pairs in token order (any bijection of expert ids gives the same)."""
+  dev, tok, _ = (a.ravel() for a in np.indices(slots_ATK.shape))
+  slot = slots_ATK.ravel()
+  order = np.lexsort((tok, slot, dev))
+  ranks = np.empty_like(order)
+  ranks[order] = _ranks((dev * (slot.max(initial=0) + 1) + slot)[order])
+  return (ranks < pair_cap).reshape(slots_ATK.shape)
+
+
 def simulate(slots_ATK: np.ndarray, strategy: str, shape: MeshShape, num_experts: int, *,
-             hop_caps=None, expert_cap=None) -> dict:
+             hop_caps=None, expert_cap=None, pair_cap=None) -> dict:
   """Replays one strategy. Capacities of None mean unlimited (dropless)."""
   strat = registry.get_strategy(strategy)
   devices, tokens, top_k = slots_ATK.shape
   per_device = num_experts // shape.devices
   dev, tok, k = (a.ravel() for a in np.indices(slots_ATK.shape))
   slot = slots_ATK.ravel().astype(np.int64)
-  alive = np.ones(slot.shape, bool)
+  alive = (np.ones(slot.shape, bool) if pair_cap is None
+           else kept_pairs(slots_ATK, pair_cap).ravel())
   row = tok * top_k + k if not strat.dedup else tok.copy()  # current row on `cur`
   cur = dev.copy()
-  result = {"hops": [], "dropped": {}}
+  result = {"hops": [], "dropped": {"capacity": int(np.sum(~alive))}}
   for h, tier in enumerate(strat.tiers):
     peers = tier_peers(tier, shape)
     peer = peer_along(slot // per_device, tier, shape)
@@ -117,12 +130,13 @@ def stats(topk_ids, *, mesh_shape, num_experts: int, placement=None, d_model: in
   out = {}
   for name in registry.names() if strategies is None else strategies:
     strategy = registry.get_strategy(name)
-    hop_caps = expert_cap = None
+    hop_caps = expert_cap = pair_cap = None
     if capacity_factor is not None:
       caps = capacities(strategy, tokens=tokens, top_k=top_k, num_experts=num_experts,
                         shape=shape, capacity_factor=capacity_factor, dropless=False)
-      hop_caps, expert_cap = caps.hops, caps.expert
-    sim = simulate(slots, name, shape, num_experts, hop_caps=hop_caps, expert_cap=expert_cap)
+      hop_caps, expert_cap, pair_cap = caps.hops, caps.expert, caps.pairs
+    sim = simulate(slots, name, shape, num_experts, hop_caps=hop_caps, expert_cap=expert_cap,
+                   pair_cap=pair_cap)
     rows = {"inter": 0, "intra": 0}
     peak = {"inter": 0, "intra": 0}
     for hop in sim["hops"]:

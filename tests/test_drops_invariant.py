@@ -1,0 +1,110 @@
+"""Capacity drops do not depend on the placement, the chunking or the strategy.
+
+The decision is taken before dispatch (dispatch/keep.py): per device, per logical
+expert, the first C pairs in token order. Checked on skewed routing that really
+drops: a permuted placement equals the identity one, chunked equals unchunked,
+and every strategy equals the dense reference with the brute-force keep mask.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hiermoe_jax as hm
+from hiermoe_jax.dispatch.keep import pair_capacity
+from bruteforce import keep_first
+from helpers import assert_trees_close, mesh_of, random_inputs, router_config
+
+STRATEGIES = ("flat", "flat_dedup", "hier", "hier_dedup", "auto")
+TOKENS = 16  # per device
+
+
+def _config(strategy, capacity_factor, chunks=1):
+  return router_config("softmax", dispatch=strategy, dropless=False,
+                       capacity_factor=capacity_factor, overlap_chunks=chunks)
+
+
+def _inputs(config, mesh):
+  """Params in logical expert order, x, a random placement and a cotangent. A shared
+  offset in x and a router boost towards experts 0-3 skew the routing."""
+  params, x, placement, _ = random_inputs(config, mesh, tokens_per_device=TOKENS, seed=11)
+  params["router"]["kernel"] = params["router"]["kernel"].at[:, :4].add(0.15)
+  cot = jax.random.normal(jax.random.key(5), x.shape)
+  return params, x + 1.0, placement, cot
+
+
+@functools.cache
+def _runner(config, mesh):
+  """jit of (params, x, placement, cot) -> ((loss, (y, aux)), grads wrt params and x).
+  Params are logical; the expert stacks go in physically (slot s holds logical
+  expert placement[s]), so gradients come back in logical order."""
+  def loss(params, x, placement, cot):
+    physical = dict(params, experts=jax.tree.map(lambda a: a[placement], params["experts"]))
+    y, aux = hm.moe_apply(physical, x, config=config, mesh=mesh, placement=placement)
+    return jnp.sum(y * cot), (y, aux)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def _run(config, mesh, placement=None):
+  params, x, random_placement, cot = _inputs(config, mesh)
+  placement = random_placement if placement is None else placement
+  (_, (y, aux)), grads = _runner(config, mesh)(params, x, placement, cot)
+  return y, aux, grads
+
+
+def _assert_drops_only_at_capacity(aux):
+  stages = {k: int(v) for k, v in aux.dropped_by_stage.items()}
+  assert stages["capacity"] > 0, stages  # the routing really drops
+  assert all(v == 0 for k, v in stages.items() if k != "capacity"), stages
+  assert int(aux.dropped) == stages["capacity"]
+
+
+@pytest.mark.parametrize("capacity_factor", [1.0, 1.25])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_permuted_placement_equals_the_identity(strategy, capacity_factor):
+  mesh = mesh_of("2x4")
+  config = _config(strategy, capacity_factor)
+  identity = jnp.arange(config.num_experts, dtype=jnp.int32)
+  y_id, aux_id, grads_id = _run(config, mesh, identity)
+  y, aux, grads = _run(config, mesh)
+  _assert_drops_only_at_capacity(aux)
+  assert int(aux.dropped) == int(aux_id.dropped)
+  assert_trees_close(y, y_id)
+  assert_trees_close(grads, grads_id)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_chunked_equals_unchunked_with_capacity(strategy):
+  mesh = mesh_of("2x4")
+  y1, aux1, grads1 = _run(_config(strategy, 1.25), mesh)
+  for chunks in (2, 4):
+    y, aux, grads = _run(_config(strategy, 1.25, chunks), mesh)
+    _assert_drops_only_at_capacity(aux)
+    assert int(aux.dropped) == int(aux1.dropped), chunks
+    assert_trees_close(y, y1)
+    assert_trees_close(grads, grads1)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_drops_the_reference_pairs(strategy):
+  """The kept pairs are the brute-force first C per (device, logical expert)."""
+  mesh = mesh_of("2x4")
+  config = _config(strategy, 1.25)
+  params, x, _, cot = _inputs(config, mesh)
+  y, aux, grads = _run(config, mesh)
+  _assert_drops_only_at_capacity(aux)
+  ids = np.asarray(hm.reference.reference_routing(params, x, config).ids_TK)
+  cap = pair_capacity(tokens=TOKENS, top_k=config.top_k, num_experts=config.num_experts,
+                      capacity_factor=config.capacity_factor, dropless=False)
+  kept = np.array(keep_first(ids.reshape(8, TOKENS, -1).tolist(), cap)).reshape(ids.shape)
+  assert int(aux.dropped) == int(np.sum(~kept))
+
+  def ref_loss(params, x):
+    return jnp.sum(hm.reference_moe(params, x, config, kept_TK=jnp.asarray(kept)) * cot)
+  grads_ref = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(params, x)
+  y_ref = hm.reference_moe(params, x, config, kept_TK=jnp.asarray(kept))
+  assert_trees_close(y, y_ref)
+  assert_trees_close(grads, grads_ref)
