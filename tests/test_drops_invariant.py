@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 import hiermoe_jax as hm
+from hiermoe_jax import traffic
+from hiermoe_jax.config import STRATEGIES as ENGINE_STRATEGIES
 from hiermoe_jax.dispatch.keep import pair_capacity
+from hiermoe_jax.mesh import MeshShape
 from bruteforce import keep_first
 from helpers import assert_trees_close, mesh_of, random_inputs, router_config
 
@@ -108,3 +111,39 @@ def test_every_strategy_drops_the_reference_pairs(strategy):
   y_ref = hm.reference_moe(params, x, config, kept_TK=jnp.asarray(kept))
   assert_trees_close(y, y_ref)
   assert_trees_close(grads, grads_ref)
+
+
+def _routings(shape: MeshShape, experts: int, tokens: int, top_k: int, rng) -> dict:
+  """[A, T, K] logical ids: uniform, every token on the same K experts, and every
+  token's K experts on one device (the worst case for dedup buffers)."""
+  per_device = experts // shape.devices
+  uniform = np.stack([np.stack([rng.choice(experts, top_k, replace=False)
+                                for _ in range(tokens)]) for _ in range(shape.devices)])
+  hot = np.broadcast_to(np.arange(top_k), uniform.shape)
+  one_device = np.stack([np.stack([(t % shape.devices) * per_device
+                                   + rng.choice(per_device, top_k, replace=False)
+                                   for t in range(tokens)]) for _ in range(shape.devices)])
+  return {"uniform": uniform, "hot": hot, "one_device": one_device}
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (4, 2), (1, 8), (3, 2)])
+def test_stage_buffers_never_drop_a_kept_pair(mesh_shape):
+  """Host replay (the engine's rules): only the capacity decision drops, it drops the
+  brute-force pairs, and the same for a random placement, at any chunking."""
+  shape, tokens, top_k = MeshShape(*mesh_shape), 16, 3
+  experts = 4 * shape.devices
+  rng = np.random.default_rng(sum(mesh_shape))
+  for kind, ids in _routings(shape, experts, tokens, top_k, rng).items():
+    for capacity_factor in (0.5, 1.0, 1.25, 2.0):
+      cap = pair_capacity(tokens=tokens, top_k=top_k, num_experts=experts,
+                          capacity_factor=capacity_factor, dropless=False)
+      expected = int(np.sum(~np.array(keep_first(ids.tolist(), cap))))
+      for chunks in (1, 2, 4):
+        run = functools.partial(traffic.stats, ids, mesh_shape=mesh_shape, num_experts=experts,
+                                d_model=1, capacity_factor=capacity_factor, chunks=chunks)
+        identity, permuted = run(), run(placement=rng.permutation(experts))
+        for name in ENGINE_STRATEGIES:
+          stages = identity[name]["dropped_by_stage"]
+          where = (kind, capacity_factor, chunks, name)
+          assert stages == {**dict.fromkeys(stages, 0), "capacity": expected}, where
+          assert permuted[name]["dropped_by_stage"] == stages, where
