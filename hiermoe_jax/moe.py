@@ -244,8 +244,7 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
   expert_specs = param_specs(config)["experts"]
   step = jax.shard_map(
       functools.partial(_device_step, dispatch=config.dispatch, caps=caps, pairs=pairs,
-                        layout=layout,
-                        profile=profile, top_k=config.top_k,
+                        layout=layout, profile=profile, top_k=config.top_k,
                         bytes_per_elem=_wire_bytes_per_elem(config),
                         chunks=config.overlap_chunks),
       mesh=mesh,

@@ -3,10 +3,12 @@
 `stats(topk_ids, mesh_shape=(N, G), num_experts=E, ...)` replays each strategy's
 hops on the routing with the same rules as the exchange engine: first the
 capacity decision (per device, per expert, the first C pairs in token order
-kept; dispatch/keep.py), then a row per (item, destination peer) in item order, the first `capacity` rows per (device, peer)
-kept, receivers ordering rows by source peer then position, and the expert stage
-keeping the first `capacity` entries per local expert. It works on a table of
-(token, expert) pairs, so meshes far larger than this machine (32x8) are cheap.
+kept; dispatch/keep.py), then a row per (item, destination peer) in item order,
+the first `capacity` rows per (device, peer) kept, receivers ordering rows by
+source peer then position, and the expert stage keeping the first `capacity`
+entries per local expert (stage buffers are sized so that these keep all). It
+works on a table of (token, expert) pairs, so meshes far larger than this machine
+(32x8) are cheap.
 
 Only rows that leave their device count; "inter" rows cross nodes.
 """
