@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 import hiermoe_jax as hm
-from hiermoe_jax import traffic
+from hiermoe_jax import cost, traffic
 from hiermoe_jax.config import STRATEGIES as ENGINE_STRATEGIES
-from hiermoe_jax.dispatch.keep import pair_capacity
+from hiermoe_jax.dispatch import auto, registry
+from hiermoe_jax.dispatch.base import Strategy
+from hiermoe_jax.dispatch.keep import apply_keep, pair_capacity
 from hiermoe_jax.mesh import MeshShape
 from bruteforce import keep_first
 from helpers import assert_trees_close, mesh_of, random_inputs, router_config
@@ -151,3 +153,28 @@ def test_stage_buffers_never_drop_a_kept_pair(mesh_shape):
           where = (kind, capacity_factor, chunks, name)
           assert stages == {**dict.fromkeys(stages, 0), "capacity": expected}, where
           assert permuted[name]["dropped_by_stage"] == stages, where
+
+
+def test_auto_prices_the_kept_pairs_only():
+  """auto's live peaks, taken after the capacity decision, equal the host replay
+  with capacity, for every strategy, one whose first hop is intra-node included."""
+  mesh = mesh_of("2x4")
+  shape, tokens, top_k, experts = MeshShape.of(mesh), 16, 3, 32
+  ids = _routings(shape, experts, tokens, top_k, np.random.default_rng(2))["one_device"]
+  ids = ids.astype(np.int32)
+  cap = pair_capacity(tokens=tokens, top_k=top_k, num_experts=experts, capacity_factor=0.5,
+                      dropless=False)
+  registry.register(Strategy("intra_first_dedup", tiers=("intra", "inter"), dedup=True,
+                             auto_candidate=False))
+  try:
+    host = traffic.stats(ids, mesh_shape=(2, 4), num_experts=experts, d_model=1,
+                         capacity_factor=0.5)
+    peaks = jax.jit(jax.shard_map(
+        lambda s: auto.live_peaks(apply_keep(s[0], jnp.ones(s[0].shape), cap)[0], shape=shape,
+                                  experts_per_device=experts // 8),
+        mesh=mesh, in_specs=shape.rows(3), out_specs=jax.sharding.PartitionSpec()))(ids)
+    for name in registry.names():
+      assert host[name]["dropped_by_stage"]["capacity"] > 0
+      assert tuple(int(v) for v in peaks[name]) == cost.peak_rows_per_hop(name, host[name]), name
+  finally:
+    registry.unregister("intra_first_dedup")
