@@ -61,8 +61,12 @@ class MoEConfig:
   n_shared_experts: int = 0
   shared_d_ff: int | None = None  # per shared expert; defaults to d_ff
   shared_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w) scales the shared output
+  # Per device's T tokens, per logical expert, the first ceil(capacity_factor * T*K/E)
+  # (token, expert) pairs in token order are kept, the rest dropped before dispatch
+  # (dispatch/keep.py); stage buffers never drop a kept pair, so drops depend on
+  # neither the placement, nor overlap_chunks, nor the strategy.
   capacity_factor: float = 1.25
-  dropless: bool = False
+  dropless: bool = False  # keep every pair; buffers sized for the worst case
   dispatch: str = "flat"  # a strategy, or "auto": the cost model picks one per call
   cost_profile: str = "default"  # for "auto": a shipped profile name or a JSON path
   dtype: str = "float32"  # compute dtype of expert FFNs and token exchange
@@ -84,7 +88,9 @@ class MoEConfig:
   # then travels in bfloat16 or the activation dtype, if narrower (dispatch/wire.py).
   comm_dtype: str | None = None
   # Independent token chunks per device, so one chunk's all-to-alls may overlap
-  # another's expert compute (buffers are sized per chunk).
+  # another's expert compute. Buffers are per chunk; with capacity, each is sized
+  # for a chunk holding all of an expert's kept pairs (up to `chunks` times the
+  # unchunked buffers in total), so results do not depend on the chunking.
   overlap_chunks: int = 1
 
   def __post_init__(self):

@@ -3,7 +3,8 @@
 Routing runs on the token-sharded batch under jit; then, per device inside
 `jax.shard_map` over the expert hierarchy (`config.expert_axes`):
 
-    route -> exchange.dispatch -> experts.local_experts -> exchange.combine -> aux
+    route -> keep (capacity) -> exchange.dispatch -> experts.local_experts
+          -> exchange.combine -> aux
 
 with the strategy named by `config.dispatch` (or, for "auto", the one
 `dispatch.auto` prices cheapest on this call's routing).
@@ -25,7 +26,7 @@ from jax.sharding import Mesh
 from hiermoe_jax import cost
 from hiermoe_jax import routing as routing_lib
 from hiermoe_jax.config import MoEConfig
-from hiermoe_jax.dispatch import auto, exchange, registry, wire
+from hiermoe_jax.dispatch import auto, exchange, keep, registry, wire
 from hiermoe_jax.dispatch.base import Strategy, traffic_classes
 from hiermoe_jax.dispatch.capacity import capacities
 from hiermoe_jax.errors import ConfigError
@@ -48,7 +49,9 @@ class MoEAux:
   expert_counts: jax.Array  # [E] (token, expert) pairs per logical expert
   topk_ids: jax.Array  # [tokens, K] logical expert ids, token-sharded in mesh order
   dropped: jax.Array  # (token, expert) pairs dropped at any stage
-  dropped_by_stage: dict[str, jax.Array]  # per hop tier and "expert"
+  # "capacity" (the pre-dispatch decision, dispatch/keep.py), then per hop tier and
+  # "expert": stage buffers are sized never to drop a kept pair, so those read 0.
+  dropped_by_stage: dict[str, jax.Array]
   rows: dict[str, jax.Array]  # {"inter", "intra"} rows sent, summed over devices
   # {"inter", "intra"} bytes of those rows on the wire, dispatch + combine, by wire dtype
   wire_bytes: dict[str, jax.Array]
@@ -147,19 +150,24 @@ def _device_moe(strategy: Strategy, x_TD, slots_TK, w_TK, expert_params, *, caps
                                jax.lax.pmax(total(peak, jnp.maximum), axes))
 
 
-def _device_step(x_TD, slots_TK, w_TK, expert_params, *, dispatch, caps, layout, profile,
-                 top_k, bytes_per_elem, chunks):
-  """Per device: run `dispatch`, or for "auto" the candidate it prices cheapest."""
+def _device_step(x_TD, slots_TK, w_TK, expert_params, *, dispatch, caps, pairs, layout,
+                 profile, top_k, bytes_per_elem, chunks):
+  """Per device: the capacity decision on all its tokens (`pairs` kept per expert;
+  None: dropless), then `dispatch`, or for "auto" the candidate it prices cheapest
+  on the kept pairs."""
+  slots_TK, w_TK, capacity_dropped = keep.apply_keep(slots_TK, w_TK, pairs)
+  capacity_dropped = jax.lax.psum(capacity_dropped, layout.shape.token_axes)
   body = functools.partial(_device_moe, caps=caps, layout=layout, chunks=chunks)
   operands = (x_TD, slots_TK, w_TK, expert_params)
   if dispatch != "auto":
-    y_TD, reduced = body(registry.get_strategy(dispatch), *operands)
-    return y_TD, reduced + (jnp.int32(registry.names().index(dispatch)), {})
-  (y_TD, reduced), index, predicted = auto.run_cheapest(
-      body, operands, slots_TK, profile=profile, shape=layout.shape,
-      experts_per_device=layout.experts_per_device, top_k=top_k, d_model=x_TD.shape[-1],
-      bytes_per_elem=bytes_per_elem)
-  return y_TD, reduced + (index, predicted)
+    y_TD, (dropped, *rest) = body(registry.get_strategy(dispatch), *operands)
+    index, predicted = jnp.int32(registry.names().index(dispatch)), {}
+  else:
+    (y_TD, (dropped, *rest)), index, predicted = auto.run_cheapest(
+        body, operands, slots_TK, profile=profile, shape=layout.shape,
+        experts_per_device=layout.experts_per_device, top_k=top_k, d_model=x_TD.shape[-1],
+        bytes_per_elem=bytes_per_elem)
+  return y_TD, ({"capacity": capacity_dropped} | dropped, *rest, index, predicted)
 
 
 def _wire_bytes_per_elem(config: MoEConfig) -> float:
@@ -188,6 +196,11 @@ def moe_apply(params: dict, x, *, config: MoEConfig, mesh: Mesh, placement=None,
     any integer array); expert weights in `params["experts"]` are stored in that
     physical order.
   router_bias: the DeepSeek-V3 selection bias [E] (state from `init_router_bias`).
+
+  Capacity (dropless=False): per device's tokens, per logical expert, the first C
+  (token, expert) pairs in token order are kept, the rest dropped (dispatch/keep.py);
+  no stage buffer drops a kept pair. So outputs and gradients do not depend on the
+  placement, on `overlap_chunks` or on the strategy: a swap is a relabelling.
   """
   shape = validate_for_mesh(config, mesh)
   check_params(params, config)
@@ -219,18 +232,19 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
 
   names = (auto.candidates(shape, config.top_k) if config.dispatch == "auto"
            else (config.dispatch,))
-  caps = {name: capacities(registry.get_strategy(name),
-                           tokens=tokens_per_device // config.overlap_chunks,
+  caps = {name: capacities(registry.get_strategy(name), tokens=tokens_per_device,
                            top_k=config.top_k, num_experts=config.num_experts, shape=shape,
-                           capacity_factor=config.capacity_factor, dropless=config.dropless)
+                           capacity_factor=config.capacity_factor, dropless=config.dropless,
+                           chunks=config.overlap_chunks)
           for name in names}
+  pairs = None if config.dropless else caps[names[0]].pairs  # the same for every strategy
   layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute,
                            ragged=_use_ragged(config, mesh), comm_dtype=config.comm_dtype)
   rows_spec = shape.rows(2)
   expert_specs = param_specs(config)["experts"]
   step = jax.shard_map(
-      functools.partial(_device_step, dispatch=config.dispatch, caps=caps, layout=layout,
-                        profile=profile, top_k=config.top_k,
+      functools.partial(_device_step, dispatch=config.dispatch, caps=caps, pairs=pairs,
+                        layout=layout, profile=profile, top_k=config.top_k,
                         bytes_per_elem=_wire_bytes_per_elem(config),
                         chunks=config.overlap_chunks),
       mesh=mesh,

@@ -1,11 +1,14 @@
 """Exact, host-side traffic statistics of every strategy (numpy, no devices).
 
 `stats(topk_ids, mesh_shape=(N, G), num_experts=E, ...)` replays each strategy's
-hops on the routing with the same rules as the exchange engine: a row per (item,
-destination peer) in item order, the first `capacity` rows per (device, peer)
-kept, receivers ordering rows by source peer then position, and the expert stage
-keeping the first `capacity` entries per local expert. It works on a table of
-(token, expert) pairs, so meshes far larger than this machine (32x8) are cheap.
+hops on the routing with the same rules as the exchange engine: first the
+capacity decision (per device, per expert, the first C pairs in token order
+kept; dispatch/keep.py), then a row per (item, destination peer) in item order,
+the first `capacity` rows per (device, peer) kept, receivers ordering rows by
+source peer then position, and the expert stage keeping the first `capacity`
+entries per local expert (stage buffers are sized so that these keep all). It
+works on a table of (token, expert) pairs, so meshes far larger than this machine
+(32x8) are cheap.
 
 Only rows that leave their device count; "inter" rows cross nodes.
 """
@@ -29,18 +32,30 @@ def _ranks(keys_sorted_by_group: np.ndarray) -> np.ndarray:
   return np.arange(n) - first
 
 
+def kept_pairs(slots_ATK: np.ndarray, pair_cap: int) -> np.ndarray:
+  """The capacity decision on the host: per device, per expert, the first
+  `pair_cap` pairs in token order (any bijection of expert ids gives the same)."""
+  dev, tok, _ = (a.ravel() for a in np.indices(slots_ATK.shape))
+  slot = slots_ATK.ravel()
+  order = np.lexsort((tok, slot, dev))
+  ranks = np.empty_like(order)
+  ranks[order] = _ranks((dev * (slot.max(initial=0) + 1) + slot)[order])
+  return (ranks < pair_cap).reshape(slots_ATK.shape)
+
+
 def simulate(slots_ATK: np.ndarray, strategy: str, shape: MeshShape, num_experts: int, *,
-             hop_caps=None, expert_cap=None) -> dict:
-  """Replays one strategy. Capacities of None mean unlimited (dropless)."""
+             hop_caps=None, expert_cap=None, kept_ATK=None) -> dict:
+  """Replays one strategy on the pairs the capacity decision kept (kept_ATK; None:
+  all). Capacities of None mean unlimited (dropless)."""
   strat = registry.get_strategy(strategy)
   devices, tokens, top_k = slots_ATK.shape
   per_device = num_experts // shape.devices
   dev, tok, k = (a.ravel() for a in np.indices(slots_ATK.shape))
   slot = slots_ATK.ravel().astype(np.int64)
-  alive = np.ones(slot.shape, bool)
+  alive = np.ones(slot.shape, bool) if kept_ATK is None else kept_ATK.ravel().copy()
   row = tok * top_k + k if not strat.dedup else tok.copy()  # current row on `cur`
   cur = dev.copy()
-  result = {"hops": [], "dropped": {}}
+  result = {"hops": [], "dropped": {"capacity": int(np.sum(~alive))}}
   for h, tier in enumerate(strat.tiers):
     peers = tier_peers(tier, shape)
     peer = peer_along(slot // per_device, tier, shape)
@@ -92,14 +107,17 @@ def inter_node_floor(slots_ATK: np.ndarray, shape: MeshShape, num_experts: int) 
 
 
 def stats(topk_ids, *, mesh_shape, num_experts: int, placement=None, d_model: int,
-          bytes_per_elem: int = 4, strategies=None, capacity_factor: float | None = None
-          ) -> dict:
+          bytes_per_elem: int = 4, strategies=None, capacity_factor: float | None = None,
+          chunks: int = 1) -> dict:
   """Per-strategy rows, bytes, per-peer maxima, dedup rates and drops.
 
   topk_ids: int [N*G, T, K] logical expert ids, one row of tokens per device in
   mesh order. placement: [E] physical slot -> logical expert (identity if None).
   capacity_factor: None for dropless buffers, else the MoEConfig capacity factor.
   strategies: names to replay (default: every registered strategy).
+  chunks: MoEConfig.overlap_chunks - the capacity decision is taken on all T tokens,
+  then each chunk runs through its own buffers: rows and drops add up, a peak rows
+  per peer is the largest over the chunks.
   """
   shape = MeshShape(*mesh_shape)
   ids = np.asarray(topk_ids)
@@ -118,14 +136,19 @@ def stats(topk_ids, *, mesh_shape, num_experts: int, placement=None, d_model: in
   for name in registry.names() if strategies is None else strategies:
     strategy = registry.get_strategy(name)
     hop_caps = expert_cap = None
+    kept = np.ones(slots.shape, bool)
     if capacity_factor is not None:
       caps = capacities(strategy, tokens=tokens, top_k=top_k, num_experts=num_experts,
-                        shape=shape, capacity_factor=capacity_factor, dropless=False)
-      hop_caps, expert_cap = caps.hops, caps.expert
-    sim = simulate(slots, name, shape, num_experts, hop_caps=hop_caps, expert_cap=expert_cap)
+                        shape=shape, capacity_factor=capacity_factor, dropless=False,
+                        chunks=chunks)
+      hop_caps, expert_cap, kept = caps.hops, caps.expert, kept_pairs(slots, caps.pairs)
+    per = tokens // chunks
+    sims = [simulate(slots[:, c * per:(c + 1) * per], name, shape, num_experts,
+                     hop_caps=hop_caps, expert_cap=expert_cap,
+                     kept_ATK=kept[:, c * per:(c + 1) * per]) for c in range(chunks)]
     rows = {"inter": 0, "intra": 0}
     peak = {"inter": 0, "intra": 0}
-    for hop in sim["hops"]:
+    for hop in (hop for sim in sims for hop in sim["hops"]):
       devices, peers = hop["sent"].shape
       classes = traffic_classes(np.arange(devices)[:, None], np.arange(peers)[None, :],
                                 hop["tier"], shape)
@@ -139,7 +162,8 @@ def stats(topk_ids, *, mesh_shape, num_experts: int, placement=None, d_model: in
         "bytes": {t: r * d_model * bytes_per_elem for t, r in rows.items()},
         "max_rows_per_peer": peak,
         "dedup_rate": dict(rates),
-        "dropped": int(sum(sim["dropped"].values())),
-        "dropped_by_stage": sim["dropped"],
+        "dropped": sum(sum(sim["dropped"].values()) for sim in sims),
+        "dropped_by_stage": {stage: sum(sim["dropped"][stage] for sim in sims)
+                             for stage in sims[0]["dropped"]},
     }
   return out

@@ -1,6 +1,8 @@
 """Brute-force simulation of a strategy's hops with Python loops (test oracle).
 
-Follows the documented rules, not the vectorised code: every hop sends a row per
+Follows the documented rules, not the vectorised code: first the capacity
+decision keeps, per device and expert, the first `pair_cap` pairs in token order;
+then every hop sends a row per
 (item, destination peer) - an item is a (token, expert) pair without dedup, a
 token or received row with dedup - in item order, keeping the first `capacity`
 rows per (device, peer); receivers take rows by source peer, then position.
@@ -27,7 +29,22 @@ def _peers(tier, nodes, local):
   return {"flat": nodes * local, "inter": nodes, "intra": local}[tier]
 
 
-def simulate(slots, *, strategy, nodes, local, num_experts, hop_caps=None, expert_cap=None):
+def keep_first(slots, pair_cap):
+  """kept[d][t][k]: pair (t, k) is among the first pair_cap of its expert on device d."""
+  kept = []
+  for tokens in slots:
+    seen = {}
+    kept.append([])
+    for token in tokens:
+      kept[-1].append([])
+      for s in token:
+        seen[s] = seen.get(s, 0) + 1
+        kept[-1][-1].append(pair_cap is None or seen[s] <= pair_cap)
+  return kept
+
+
+def simulate(slots, *, strategy, nodes, local, num_experts, hop_caps=None, expert_cap=None,
+             pair_cap=None):
   """slots: nested lists [device][token][k] of physical slots.
 
   Returns dict with kept[d][t][k], dropped per stage, and sent[h][d][p] rows.
@@ -36,19 +53,19 @@ def simulate(slots, *, strategy, nodes, local, num_experts, hop_caps=None, exper
   strat = get_strategy(strategy)
   devices = nodes * local
   per_device = num_experts // devices
-  top_k = len(slots[0][0])
-  # A row: (origin device, token, [(k, slot), ...]).
+  kept = keep_first(slots, pair_cap)
+  dropped = {"capacity": sum(not k for dev in kept for tok in dev for k in tok)}
+  # A row: (origin device, token, [(k, slot), ...]) of kept pairs.
   rows = []
   for d in range(devices):
     mine = []
     for t, token in enumerate(slots[d]):
-      if strat.dedup:
-        mine.append((d, t, [(k, s) for k, s in enumerate(token)]))
-      else:
-        mine.extend((d, t, [(k, s)]) for k, s in enumerate(token))
+      entries = [(k, s) for k, s in enumerate(token) if kept[d][t][k]]
+      if strat.dedup and entries:
+        mine.append((d, t, entries))
+      elif not strat.dedup:
+        mine.extend((d, t, [entry]) for entry in entries)
     rows.append(mine)
-  kept = [[[True] * top_k for _ in slots[d]] for d in range(devices)]
-  dropped = {}
   sent = []
   for h, tier in enumerate(strat.tiers):
     peers = _peers(tier, nodes, local)

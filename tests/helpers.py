@@ -99,7 +99,7 @@ def bruteforce_kept(config, mesh, tokens_per_device):
     slots = slot_of[np.asarray(routing.ids_TK)].reshape(shape.devices, tokens_per_device, -1)
     sim = simulate(slots.tolist(), strategy=config.dispatch, nodes=shape.nodes,
                    local=shape.local, num_experts=config.num_experts, hop_caps=caps.hops,
-                   expert_cap=caps.expert)
+                   expert_cap=caps.expert, pair_cap=None if config.dropless else caps.pairs)
     return jnp.asarray(np.array(sim["kept"]).reshape(-1, config.top_k)), sim
   return kept_fn
 

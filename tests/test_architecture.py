@@ -104,7 +104,7 @@ def test_a_strategy_registered_at_run_time_is_run_and_priced(intra_first):
   _, aux = hm.moe_apply(params, x, config=config, mesh=mesh, placement=placement,
                         router_bias=bias)
   assert aux.strategy_ran() == intra_first.name
-  assert set(aux.dropped_by_stage) == {"intra", "inter", "expert"}
+  assert set(aux.dropped_by_stage) == {"capacity", "intra", "inter", "expert"}
   # The host replay of the registry's record counts what the engine sent.
   ids = np.asarray(aux.topk_ids).reshape(8, -1, config.top_k)
   host = traffic.stats(ids, mesh_shape=(2, 4), num_experts=16, d_model=16,

@@ -25,7 +25,8 @@ BENCH = str(pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_com
 def _bruteforce_stats(slots, shape, num_experts, strategy, caps=None):
   sim = simulate(slots.tolist(), strategy=strategy, nodes=shape.nodes, local=shape.local,
                  num_experts=num_experts, hop_caps=None if caps is None else caps.hops,
-                 expert_cap=None if caps is None else caps.expert)
+                 expert_cap=None if caps is None else caps.expert,
+                 pair_cap=None if caps is None else caps.pairs)
   rows = {"inter": 0, "intra": 0}
   peak = {"inter": 0, "intra": 0}
   for tier, sent in zip(get_strategy(strategy).tiers, sim["sent"]):

@@ -147,24 +147,10 @@ def parse(text: str, *, timed: bool, tokens: int, d_model: int, num_experts: int
 def chunked_stats(ids_ATK: np.ndarray, base: str, chunks: int, *, mesh_shape, num_experts: int,
                   d_model: int, capacity_factor: float | None) -> dict:
   """`traffic.stats` of one strategy run on `chunks` independent token chunks per
-  device (as `moe._device_moe` runs them): rows and drops add up, each peak rows per
-  peer is the largest over the chunks (the buffers every chunk shares)."""
-  per = ids_ATK.shape[1] // chunks
-  parts = [traffic.stats(ids_ATK[:, c * per:(c + 1) * per], mesh_shape=mesh_shape,
-                         num_experts=num_experts, d_model=d_model, strategies=[base],
-                         capacity_factor=capacity_factor)[base] for c in range(chunks)]
-  if chunks == 1:
-    return parts[0]
-  add = lambda key: {k: sum(p[key][k] for p in parts) for k in parts[0][key]}  # noqa: E731
-  return {**parts[0],
-          "rows": add("rows"),
-          "bytes": add("bytes"),
-          "max_rows_per_peer": {k: max(p["max_rows_per_peer"][k] for p in parts)
-                                for k in parts[0]["max_rows_per_peer"]},
-          "dedup_rate": {k: float(np.mean([p["dedup_rate"][k] for p in parts]))
-                         for k in parts[0]["dedup_rate"]},  # chunks are equal-sized
-          "dropped": sum(p["dropped"] for p in parts),
-          "dropped_by_stage": add("dropped_by_stage")}
+  device, as `moe._device_moe` runs them."""
+  return traffic.stats(ids_ATK, mesh_shape=mesh_shape, num_experts=num_experts,
+                       d_model=d_model, strategies=[base], capacity_factor=capacity_factor,
+                       chunks=chunks)[base]
 
 
 def variant_entry(stats: Mapping, variant: Variant, *, d_model: int, dtype: str,

@@ -41,7 +41,9 @@ def _local_peaks(strategy: Strategy, device_TK, shape: MeshShape, through_A=None
   two-hop strategy, the rows toward each final device summed over the first hop's
   group - what a first-hop receiver forwards."""
   first = strategy.tiers[0]
-  sent = _rows_to(peer_along(device_TK, first, shape), tier_peers(first, shape), strategy.dedup)
+  # Pairs dropped by the capacity decision (device -1) go nowhere, along any tier.
+  peer_TK = jnp.where(device_TK >= 0, peer_along(device_TK, first, shape), -1)
+  sent = _rows_to(peer_TK, tier_peers(first, shape), strategy.dedup)
   peaks = [_peak_excluding(sent, shape.index(first))]
   if len(strategy.tiers) == 2:
     through_NL = through_A.reshape(shape.nodes, shape.local)

@@ -1,9 +1,18 @@
-"""Static buffer sizes of every stage of a strategy.
+"""Static buffer sizes of every stage of a strategy, sized never to drop a kept pair.
 
-Each hop has a capacity C: the rows one device may send to one peer. The expert
-stage has a capacity per local expert. `capacity_factor` scales the expected
-load under uniform top-k routing (K distinct experts drawn uniformly); `dropless`
-takes the worst case, so nothing can be dropped.
+Drops are decided before dispatch (`keep.py`): per token group of T tokens, per
+logical expert, at most C pairs are kept. Each hop has a capacity (the rows one
+device may send to one peer) and the expert stage one per local expert; both are
+the worst case given that cap, whatever the placement, so a stage buffer never
+overflows and `dropped_by_stage` reports drops only at "capacity". With t rows
+per chunk (t = T / overlap_chunks), c = min(C, t) pairs per (token group, expert)
+in a chunk, g experts behind one destination peer, K top-k, and s = the token
+groups whose rows reach one sender of this hop (1 at the first hop):
+  - dedup hop (one row per (token, peer)):      s * min(t, g * c)
+  - plain hop (one row per (token, expert)):    s * min(t * min(K, g), g * c)
+  - expert stage, per local expert:             (all expert devices) * c
+each also capped by the rows that can reach the stage. `dropless` takes C = T,
+which keeps every pair and gives the unconditional worst case.
 """
 
 from __future__ import annotations
@@ -12,13 +21,8 @@ import dataclasses
 import math
 
 from hiermoe_jax.dispatch.base import Strategy, tier_peers
+from hiermoe_jax.dispatch.keep import pair_capacity
 from hiermoe_jax.mesh import MeshShape
-
-
-def hit_probability(num_experts: int, top_k: int, group_size: int) -> float:
-  """P(a token's top-k experts include at least one of `group_size` given experts)."""
-  miss = math.comb(num_experts - group_size, top_k) / math.comb(num_experts, top_k)
-  return 1.0 - miss
 
 
 def hop_group_size(strategy: Strategy, hop: int, shape: MeshShape, num_experts: int) -> int:
@@ -31,37 +35,25 @@ def hop_group_size(strategy: Strategy, hop: int, shape: MeshShape, num_experts: 
 class Capacities:
   hops: tuple[int, ...]  # rows per (device, peer) for each hop
   expert: int  # rows per local expert at the expert stage
+  pairs: int  # C: pairs kept per (token group, logical expert), `keep.pair_capacity`
 
 
 def capacities(strategy: Strategy, *, tokens: int, top_k: int, num_experts: int,
-               shape: MeshShape, capacity_factor: float, dropless: bool) -> Capacities:
-  """Per-hop and per-expert buffer sizes; `tokens` is T, tokens per device."""
-  t, k, e = tokens, top_k, num_experts
-  experts_per_device = e // shape.devices
-
-  def size(expected: float, worst: int) -> int:
-    return worst if dropless else max(1, min(worst, math.ceil(capacity_factor * expected)))
-
+               shape: MeshShape, capacity_factor: float, dropless: bool,
+               chunks: int = 1) -> Capacities:
+  """Per-hop and per-expert buffer sizes of one chunk; `tokens` is T, tokens per
+  device (the token group of the capacity decision), split into `chunks` chunks."""
+  pairs = pair_capacity(tokens=tokens, top_k=top_k, num_experts=num_experts,
+                        capacity_factor=capacity_factor, dropless=dropless)
+  t = tokens // chunks
+  c = min(pairs, t)
   hops = []
-  rows_in = t  # rows arriving at the current hop's sender, worst case
+  rows_in = t if strategy.dedup else t * top_k  # items at the current hop's sender
   for i, tier in enumerate(strategy.tiers):
-    peers = tier_peers(tier, shape)
-    group = hop_group_size(strategy, i, shape, e)
-    if i == 0:  # the sender's own T tokens
-      if strategy.dedup:
-        expected, worst = t * hit_probability(e, k, group), t
-      else:
-        expected, worst = t * k / peers, t * min(k, group)
-    else:  # forwarded: rows arrive from every peer of the hop before
-      sources = tier_peers(strategy.tiers[i - 1], shape)
-      if strategy.dedup:
-        expected, worst = sources * t * hit_probability(e, k, group), min(rows_in, sources * t)
-      else:
-        expected, worst = t * k / peers, min(rows_in, sources * t * min(k, group))
-    cap = size(expected, worst)
-    hops.append(cap)
-    rows_in = peers * cap
-  # Expert stage: a row carries an expert at most once, and so does a token.
-  expert_expected = t * k / experts_per_device
-  expert_worst = min(rows_in, shape.devices * t)
-  return Capacities(tuple(hops), size(expert_expected, expert_worst))
+    group = hop_group_size(strategy, i, shape, num_experts)
+    sources = math.prod(tier_peers(prev, shape) for prev in strategy.tiers[:i])
+    per_source = min(t, group * c) if strategy.dedup else min(t * min(top_k, group), group * c)
+    hops.append(min(rows_in, sources * per_source))
+    rows_in = tier_peers(tier, shape) * hops[-1]
+  # Expert stage: every expert device's token group sends at most c pairs per expert.
+  return Capacities(tuple(hops), min(rows_in, shape.devices * c), pairs)
