@@ -30,8 +30,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from hiermoe_jax.config import MoEConfig
-from hiermoe_jax.dispatch import auto, exchange, registry
-from hiermoe_jax.dispatch.capacity import capacities
+from hiermoe_jax import moe
+from hiermoe_jax.dispatch import auto
 from hiermoe_jax.errors import check_int, check_real
 from hiermoe_jax.mesh import named
 from hiermoe_jax.params import init_params, param_specs
@@ -76,23 +76,14 @@ def measure(steps: dict[str, Callable[[], object]], *, repeats: int = 5,
 @functools.cache
 def layer_step(mesh: Mesh, config: MoEConfig, strategy: str, backward: bool) -> Callable:
   """jit(x, slots, w, experts, ct) running one MoE layer's routed part with `strategy`:
-  dispatch -> local experts -> combine, per device as `moe_apply` runs it (same
-  capacities, layout and chunks), and with `backward` the VJP wrt x, w and experts."""
-  from hiermoe_jax import moe  # the block's own per-device body
+  capacity decision -> dispatch -> local experts -> combine, per device exactly as
+  `moe_apply` runs it (`moe.device_step`), and with `backward` the VJP wrt x, w and
+  experts."""
   shape = shape_of(config, mesh)
 
   def device(x_TD, slots_TK, w_TK, experts):
-    tokens = x_TD.shape[0] // config.overlap_chunks  # this device's, per chunk
-    cap = capacities(registry.get_strategy(strategy), tokens=tokens, top_k=config.top_k,
-                     num_experts=config.num_experts, shape=shape,
-                     capacity_factor=config.capacity_factor, dropless=config.dropless)
-    layout = exchange.Layout(shape, config.num_experts, config.permute_impl,
-                             config.expert_compute, ragged=moe._use_ragged(config, mesh),
-                             comm_dtype=config.comm_dtype)
-    y_TD, _ = moe._device_moe(registry.get_strategy(strategy), x_TD, slots_TK, w_TK, experts,
-                              caps={strategy: cap}, layout=layout,
-                              chunks=config.overlap_chunks)
-    return y_TD
+    body = moe.device_step(config, mesh, x_TD.shape[0], dispatch=strategy)
+    return body(x_TD, slots_TK, w_TK, experts)[0]
 
   rows = shape.rows(2)
   forward = jax.shard_map(device, mesh=mesh,

@@ -170,6 +170,32 @@ def _device_step(x_TD, slots_TK, w_TK, expert_params, *, dispatch, caps, pairs, 
   return y_TD, ({"capacity": capacity_dropped} | dropped, *rest, index, predicted)
 
 
+def device_step(config: MoEConfig, mesh: Mesh, tokens_per_device: int, *, profile=None,
+                dispatch: str | None = None):
+  """The per-device body `moe_apply` runs under `shard_map`, with its static plan
+  (capacities, the capacity decision's pairs per expert, layout) bound.
+
+  `dispatch` overrides `config.dispatch` (the host-side auto times each candidate
+  exactly as the step would run it). Returns f(x_TD, slots_TK, w_TK, experts) ->
+  (y_TD, (dropped by stage, rows, peak rows per peer, strategy index, predicted ms)).
+  """
+  dispatch = dispatch or config.dispatch
+  shape = shape_of(config, mesh)
+  names = auto.candidates(shape, config.top_k) if dispatch == "auto" else (dispatch,)
+  caps = {name: capacities(registry.get_strategy(name), tokens=tokens_per_device,
+                           top_k=config.top_k, num_experts=config.num_experts, shape=shape,
+                           capacity_factor=config.capacity_factor, dropless=config.dropless,
+                           chunks=config.overlap_chunks)
+          for name in names}
+  pairs = None if config.dropless else caps[names[0]].pairs  # the same for every strategy
+  layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute,
+                           ragged=_use_ragged(config, mesh), comm_dtype=config.comm_dtype)
+  return functools.partial(_device_step, dispatch=dispatch, caps=caps, pairs=pairs,
+                           layout=layout, profile=profile, top_k=config.top_k,
+                           bytes_per_elem=_wire_bytes_per_elem(config),
+                           chunks=config.overlap_chunks)
+
+
 def _wire_bytes_per_elem(config: MoEConfig) -> float:
   """Bytes per row element over a dispatch + combine round trip, averaged (the cost
   model prices both directions alike)."""
@@ -230,23 +256,10 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
     z = routing_lib.z_loss(logits_TE)
   slots_TK = inverse_placement(placement, config.num_experts)[routing.ids_TK]
 
-  names = (auto.candidates(shape, config.top_k) if config.dispatch == "auto"
-           else (config.dispatch,))
-  caps = {name: capacities(registry.get_strategy(name), tokens=tokens_per_device,
-                           top_k=config.top_k, num_experts=config.num_experts, shape=shape,
-                           capacity_factor=config.capacity_factor, dropless=config.dropless,
-                           chunks=config.overlap_chunks)
-          for name in names}
-  pairs = None if config.dropless else caps[names[0]].pairs  # the same for every strategy
-  layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute,
-                           ragged=_use_ragged(config, mesh), comm_dtype=config.comm_dtype)
   rows_spec = shape.rows(2)
   expert_specs = param_specs(config)["experts"]
   step = jax.shard_map(
-      functools.partial(_device_step, dispatch=config.dispatch, caps=caps, pairs=pairs,
-                        layout=layout, profile=profile, top_k=config.top_k,
-                        bytes_per_elem=_wire_bytes_per_elem(config),
-                        chunks=config.overlap_chunks),
+      device_step(config, mesh, tokens_per_device, profile=profile),
       mesh=mesh,
       in_specs=(rows_spec, rows_spec, rows_spec, expert_specs),
       out_specs=(rows_spec, jax.sharding.PartitionSpec()),

@@ -110,7 +110,7 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_config_from_transformers_object_and_dict(family):
-  block, hf_config = _hf_config(family), None
+  block = _hf_config(family)
   from_obj = hm.MoEConfig.from_hf(block)
   from_dict = hm.MoEConfig.from_hf(block.to_dict())
   assert from_obj == from_dict
