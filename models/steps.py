@@ -62,7 +62,8 @@ class StepMetrics:
   strategy_index: jax.Array  # per MoE layer: index into hm.config.STRATEGIES of what ran
   finite: jax.Array  # bool []: loss, aux loss and grad norm finite; else the update was skipped
   # Per MoE layer: routing ids [tokens, K] (token-sharded) for the swap controller;
-  # () unless train.swap_interval > 0, so that the ids stay off the hot path.
+  # () unless train.swap_interval > 0 or train.routing_trace is set, so that the ids
+  # stay off the hot path.
   topk_ids: tuple = ()
 
 
@@ -157,7 +158,8 @@ class Model:
     ce = loss_lib.cross_entropy(hidden_BSD, targets_BS, model.logits_of,
                                 self.cfg.train.loss_chunk)
     aux_loss = sum((a.aux_loss for a in auxes), jnp.float32(0))
-    topk_ids = tuple(a.topk_ids for a in auxes) if self.cfg.train.swap_interval else ()
+    keep_ids = self.cfg.train.swap_interval or self.cfg.train.routing_trace
+    topk_ids = tuple(a.topk_ids for a in auxes) if keep_ids else ()
     return ce + aux_loss, (ce, aux_loss, MoEStats.of(auxes), topk_ids)
 
   def _gradients(self, params, buffers, inputs_BS, targets_BS):

@@ -42,6 +42,7 @@ from models import data as data_lib
 from models.checkpoint import CheckpointError, Checkpointer
 from models.config import Config, ConfigError, ModelConfig, as_run_keys
 from models.metrics import MetricsLog, ProgressBar, step_record
+from models.routing_trace import RoutingTrace
 from models.steps import Model, TrainState, nonfinite_leaves, placements_of, with_placements
 from models.transformer import block_site
 
@@ -365,7 +366,8 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
     try:
       with StopSignals() as signals:
         loop = _Loop(model, controller, checkpointer, log, signals,
-                     ProgressBar(start, tc.steps, enabled=verbose), lead, verbose)
+                     ProgressBar(start, tc.steps, enabled=verbose), lead, verbose,
+                     trace=RoutingTrace.of(cfg, model.moe_layers, start))
         return loop.run(state, start, train_batches, eval_batches, stop_after)
     finally:
       log.close()
@@ -386,6 +388,7 @@ class _Loop:
   verbose: bool
   last_drop_warning: int | None = None  # step of the last capacity warning
   nonfinite_in_a_row: int = 0
+  trace: RoutingTrace | None = None  # train.routing_trace's recorder
 
   def run(self, state, start, train_batches, eval_batches, stop_after) -> RunResult:
     model, tc = self.model, self.model.cfg.train
@@ -409,6 +412,8 @@ class _Loop:
       swaps = []
       if self.controller is not None and metrics.finite:  # a NaN step's routing is noise
         state, swaps = _swap(model, self.controller, done, state, topk_ids)
+      if self.trace is not None and metrics.finite:
+        self.trace.observe(done, topk_ids)
       eval_loss = None
       if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
         eval_loss = evaluate(model, state, eval_batches, rows)
@@ -453,6 +458,8 @@ class _Loop:
     if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or (
         interrupted):
       save_checkpoint(self.checkpointer, done, state, meta, self.controller)
+      if self.trace is not None:
+        self.trace.write()
     if interrupted:
       self.checkpointer.wait()
       _log(f"stopped by {signal.Signals(interrupted).name} after step {done}: saved "
