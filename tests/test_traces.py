@@ -140,3 +140,28 @@ def test_config_rejects_bad_trace_keys():
     load_config(TINY, ["train.routing_trace_steps=0"])
   with pytest.raises(ConfigError, match="train.routing_trace='t.npy' is invalid"):
     load_config(TINY, ["train.routing_trace=t.npy"])
+
+
+def test_ring_buffer_keeps_the_last_steps_and_a_resumed_run_continues_it(tmp_path):
+  """The recorder alone, fed host ids: a run to step 5 keeping 3 steps, and a run killed
+  after its step-4 write then resumed from step 4, write the same trace."""
+  from models.routing_trace import RoutingTrace
+  rng = np.random.default_rng(0)
+  steps = {s: [rng.integers(0, E, (12, K)) for _ in range(2)] for s in range(1, 6)}
+
+  def record(path, todo, start=0):
+    trace = RoutingTrace(str(path), KEEP, (1, 3), E, lead=True)
+    trace.restore(start)
+    for s in todo:
+      trace.observe(s, steps[s])
+    trace.write()
+
+  record(tmp_path / "whole.npz", range(1, 6))
+  record(tmp_path / "split.npz", range(1, 5))
+  record(tmp_path / "split.npz", [5], start=4)
+  for name in ("whole", "split"):
+    with np.load(tmp_path / f"{name}.npz") as data:
+      np.testing.assert_array_equal(data["steps"], [3, 4, 5])
+      for i, layer in enumerate((1, 3)):
+        np.testing.assert_array_equal(data[f"layer_{layer}"],
+                                      np.stack([steps[s][i] for s in (3, 4, 5)]))

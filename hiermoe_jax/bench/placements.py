@@ -8,8 +8,9 @@ held-out steps after it. Each placement is chosen from the observed steps only:
   identity  slot e holds expert e;
   eplb      `swap.eplb.eplb_placement` of the observed per-expert loads (--groups);
   swap      `swap.search` run as `SwapController` runs it: after every
-            --swap-interval observed steps, one decision on the last --window steps,
-            starting from the identity (migration free unless --migration-cost).
+            --swap-interval observed steps (or once, after them all, if fewer), one
+            decision on the last --window steps, starting from the identity
+            (migration free unless --migration-cost).
 
 Each is then scored per step on both windows by the cost model (docs/design.md,
 section 6) with exact dropless peaks (`traffic.stats` + `cost.predict`): the
@@ -44,7 +45,8 @@ def swap_placement(observed, shape: MeshShape, num_experts: int, config: SearchC
                    interval: int, window: int) -> tuple[np.ndarray, int]:
   """(placement, pairs swapped) of the controller's decisions over `observed` steps."""
   placement, swaps = np.arange(num_experts, dtype=np.int32), 0
-  for done in range(interval, len(observed) + 1, interval):
+  decisions = list(range(interval, len(observed) + 1, interval)) or [len(observed)]
+  for done in decisions:
     ids = np.concatenate(observed[max(0, done - window):done], axis=1)
     plan = search(ids, placement, shape, config)
     placement, swaps = plan.placement, swaps + len(plan.pairs)
