@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hiermoe_jax import cost, traces
+from hiermoe_jax import cost, traces, traffic
 from hiermoe_jax.bench import placements
 from hiermoe_jax.bench.swap import drifting_routing
 from hiermoe_jax.config import ConfigError
@@ -70,6 +70,19 @@ def test_eplb_keeps_each_group_on_one_node():
   best = min(abs(2 * group_load[list(c)].sum() - group_load.sum())
              for c in itertools.combinations(range(groups), 4))
   assert abs(node_load[0] - node_load[1]) <= best + group_load.max()
+
+
+@pytest.mark.parametrize("mesh", [(4, 2), (2, 4), (1, 8), (8, 1)])
+def test_dedup_peaks_equal_traffic_stats(mesh):
+  shape = MeshShape(*mesh)
+  ids = drifting_routing(devices=8, tokens=24, num_experts=E, top_k=K, alpha=1.0, steps=1,
+                         seed=4)[0]
+  for placement in (np.arange(E), np.random.default_rng(5).permutation(E)):
+    stats = traffic.stats(ids, mesh_shape=mesh, num_experts=E, placement=placement,
+                          d_model=8, strategies=placements.STRATEGIES)
+    peaks = placements.dedup_peaks(ids, placement, shape)
+    for name in placements.STRATEGIES:
+      assert peaks[name] == cost.peak_rows_per_hop(name, stats[name]), (name, mesh)
 
 
 def test_eplb_rejects_groups_that_do_not_fit():
