@@ -159,6 +159,11 @@ class TrainConfig:
   auto_recheck_steps: int = 100  # re-measure every N steps (0 = only on drift)
   auto_margin: float = 0.1  # a strategy must be this much faster, twice in a row, to switch
   auto_drift: float = 0.2  # re-measure when a layer's expert loads move this far (TV distance)
+  # Record the last routing_trace_steps steps' top-k ids of every MoE layer to this .npz
+  # (models/routing_trace.py; host memory: steps x MoE layers x batch_size*seq_len x top_k
+  # bytes for up to 256 experts). None = off.
+  routing_trace: str | None = None
+  routing_trace_steps: int = 256
 
   def __post_init__(self):
     _check_fields(check_int, "train", self,
@@ -195,6 +200,10 @@ class TrainConfig:
         fail("train.swap_profile", self.swap_profile, str(e))
     if self.on_nan not in ("skip", "stop"):
       fail("train.on_nan", self.on_nan, "must be 'skip' or 'stop'")
+    check_int("train.routing_trace_steps", self.routing_trace_steps)
+    if self.routing_trace is not None and (not isinstance(self.routing_trace, str)
+                                           or not self.routing_trace.endswith(".npz")):
+      fail("train.routing_trace", self.routing_trace, "must be null or a path ending in .npz")
 
 
 @dataclasses.dataclass(frozen=True)

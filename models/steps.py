@@ -65,8 +65,9 @@ class StepMetrics:
   strategy_index: jax.Array  # per MoE layer: index into hm.config.STRATEGIES of what ran
   expert_counts: jax.Array  # [L, E] (token, expert) pairs per logical expert, per MoE layer
   finite: jax.Array  # bool []: loss, aux loss and grad norm finite; else the update was skipped
-  # Per MoE layer: routing ids [tokens, K] (token-sharded) for the swap controller and
-  # the host-side auto; () unless one is on, so that the ids stay off the hot path.
+  # Per MoE layer: routing ids [tokens, K] (token-sharded) for the swap controller,
+  # the host-side auto and train.routing_trace; () unless one is on, so that the ids
+  # stay off the hot path.
   topk_ids: tuple = ()
 
 
@@ -178,7 +179,8 @@ class Model:
     ce = loss_lib.cross_entropy(hidden_BSD, targets_BS, model.logits_of,
                                 self.cfg.train.loss_chunk)
     aux_loss = sum((a.aux_loss for a in auxes), jnp.float32(0))
-    wants_ids = self.cfg.train.swap_interval or self.calibrating
+    wants_ids = (self.cfg.train.swap_interval or self.calibrating
+                 or self.cfg.train.routing_trace)
     topk_ids = tuple(a.topk_ids for a in auxes) if wants_ids else ()
     return ce + aux_loss, (ce, aux_loss, MoEStats.of(auxes), topk_ids)
 

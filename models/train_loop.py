@@ -42,6 +42,7 @@ from models import data as data_lib
 from models.checkpoint import CheckpointError, Checkpointer
 from models.config import Config, ConfigError, ModelConfig, as_run_keys
 from models.metrics import MetricsLog, ProgressBar, step_record
+from models.routing_trace import RoutingTrace
 from models.steps import (AutoDispatch, Model, TrainState, nonfinite_leaves, placements_of,
                           with_placements)
 from models.transformer import block_site
@@ -370,8 +371,9 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
         loop = _Loop(model, controller, checkpointer, log, signals,
                      ProgressBar(start, tc.steps, enabled=verbose), lead, verbose,
                      auto=AutoDispatch(model) if model.calibrating else None,
-                     trace=_Trace(run_dir / "profile", profile_steps))
-        with loop.trace:
+                     profiler=_Profiler(run_dir / "profile", profile_steps),
+                     routing_trace=RoutingTrace.of(cfg, model.moe_layers, start))
+        with loop.profiler:
           return loop.run(state, start, train_batches, eval_batches, stop_after)
     finally:
       log.close()
@@ -380,7 +382,7 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
 
 
 @dataclasses.dataclass
-class _Trace:
+class _Profiler:
   """A jax.profiler trace of steps [first, last] (metrics.jsonl numbering) in `directory`,
   one subdirectory per process when there are several."""
   directory: pathlib.Path | None
@@ -419,10 +421,11 @@ class _Loop:
   lead: bool
   verbose: bool
   auto: AutoDispatch | None = None  # moe.dispatch=auto decided on the host
-  trace: _Trace = dataclasses.field(default_factory=lambda: _Trace(None, None))  # no trace
+  profiler: _Profiler = dataclasses.field(default_factory=lambda: _Profiler(None, None))  # off
   last_drop_warning: int | None = None  # step of the last capacity warning
   nonfinite_in_a_row: int = 0
   calibrations: list = dataclasses.field(default_factory=list)  # for the next record
+  routing_trace: RoutingTrace | None = None  # train.routing_trace's recorder
 
   def run(self, state, start, train_batches, eval_batches, stop_after) -> RunResult:
     model, tc = self.model, self.model.cfg.train
@@ -436,7 +439,7 @@ class _Loop:
       _log(f"compiled the train step in {time.perf_counter() - t0:.1f}s "
            f"(mesh {dict(model.mesh.shape)}, from step {start})", self.verbose)
     for step in range(start, tc.steps):
-      self.trace.before(step + 1)
+      self.profiler.before(step + 1)
       t0 = time.perf_counter()
       batch = _device_batch(model, train_batches, step, rows)
       state, metrics = step_fn(state, *batch)
@@ -444,10 +447,12 @@ class _Loop:
       metrics = jax.device_get(metrics)
       step_time = time.perf_counter() - t0
       done = step + 1
-      self.trace.after(done)
+      self.profiler.after(done)
       swaps = []
       if self.controller is not None and metrics.finite:  # a NaN step's routing is noise
         state, swaps = _swap(model, self.controller, done, state, topk_ids)
+      if self.routing_trace is not None and metrics.finite:
+        self.routing_trace.observe(done, topk_ids)
       if self.auto is not None and metrics.finite and done < tc.steps:  # a next step to run
         if swaps:  # the placement moved the traffic
           self.auto.tuner.request("swap")
@@ -518,6 +523,8 @@ class _Loop:
     if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or (
         interrupted):
       save_checkpoint(self.checkpointer, done, state, meta, self.controller)
+      if self.routing_trace is not None:
+        self.routing_trace.write()
     if interrupted:
       self.checkpointer.wait()
       _log(f"stopped by {signal.Signals(interrupted).name} after step {done}: saved "

@@ -125,7 +125,8 @@ RUN_CASES = {
               "swap_profile": "", "swap_migration_cost": "maybe", "on_nan": "maybe",
               "nan_skip_limit": "-1", "drop_warning": "1.5", "loss_chunk": "-1",
               "microbatches": "0", "auto_calibrate": "maybe", "auto_recheck_steps": "-1",
-              "auto_margin": "1", "auto_drift": "0"},
+              "auto_margin": "1", "auto_drift": "0", "routing_trace": "t.npy",
+              "routing_trace_steps": "0"},
     "data": {"path": "", "eval_fraction": "1", "token_dtype": "int8"},
     "mesh": {"nodes": "0", "local": "-1"},
 }

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--topk", type=positive_int, default=8)
   p.add_argument("--tokens", type=positive_int, default=2048, help="tokens per device")
   p.add_argument("--hidden", type=positive_int, default=1024, help="model dim D")
-  p.add_argument("--routing", default="uniform", help="uniform | zipf:ALPHA | file:PATH.npy")
+  p.add_argument("--routing", default="uniform", help="uniform | zipf:ALPHA | file:PATH.npy | trace:PATH.npz[:LAYER] "
+                 "(a recorded run's routing, hiermoe_jax/bench/synthetic.py)")
   p.add_argument("--seed", type=cli.seed, default=0)
   p.add_argument("--capacity-factor", type=cli.real(0, strict=True), default=None,
                  help="MoEConfig.capacity_factor; omit for dropless buffers")
@@ -131,10 +132,14 @@ def variants_of(args) -> list[Variant]:
   return args.variants
 
 
-def check_routing(p: argparse.ArgumentParser, spec: str, tokens: int, top_k: int) -> None:
-  """--routing parses; a file: routing is a readable [N*G, T, K] integer array."""
+def check_routing(p: argparse.ArgumentParser, spec: str, tokens: int, top_k: int,
+                  num_experts: int | None = None) -> None:
+  """--routing parses; a file: routing is a readable [N*G, T, K] integer array; a
+  trace: routing has the layer, --experts and --topk (tokens: once the mesh is known)."""
   try:
     kind, arg = synthetic.parse_routing(spec)
+    if kind == "trace" and num_experts is not None:
+      synthetic.check_trace(spec, num_experts=num_experts, top_k=top_k)
   except ValueError as e:
     p.error(str(e))
   if kind != "file":
@@ -154,13 +159,15 @@ def routing(spec: str, **kwargs):
   """synthetic.routing; its ValueErrors are about the routing file (shape, ids)."""
   try:
     return synthetic.routing(spec, **kwargs)
+  except ConfigError:  # a trace's errors name the flag already
+    raise
   except ValueError as e:
     raise ConfigError(f"--routing={spec!r} is invalid: {e}") from None
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
   cli.check_topk(args.topk, args.experts)
-  check_routing(p, args.routing, args.tokens, args.topk)
+  check_routing(p, args.routing, args.tokens, args.topk, args.experts)
   resolve_dtype(args)
   bases = [v.base for v in variants_of(args)]
   if args.analytic and (args.fit_profile or args.backward):

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tokens", type=positive_int, default=512, help="tokens per device")
   p.add_argument("--hidden", type=positive_int, default=512, help="d_model")
   p.add_argument("--ffn", type=positive_int, help="expert d_ff (migrated bytes; default hidden)")
-  p.add_argument("--routing", default="zipf:1.2", help="zipf:ALPHA (popularity exponent)")
+  p.add_argument("--routing", default="zipf:1.2",
+                 help="zipf:ALPHA (drifting, popularity exponent) or trace:PATH.npz[:LAYER] "
+                      "(step s replays trace step s mod its length)")
   p.add_argument("--affinity", type=cli.real(0), default=3.0,
                  help="co-selection log-weight bonus")
   p.add_argument("--drift", type=cli.real(0), default=0.05,
@@ -102,11 +104,13 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
   cli.check_topk(args.topk, args.experts)
   try:
     kind, alpha = synthetic.parse_routing(args.routing)
+    if kind == "trace":
+      synthetic.check_trace(args.routing, num_experts=args.experts, top_k=args.topk)
   except ValueError as e:
     p.error(str(e))
-  if kind != "zipf":
+  if kind not in ("zipf", "trace"):
     p.error(f"--routing={args.routing!r} is invalid: bench_swap needs zipf:ALPHA with a "
-            "finite ALPHA >= 0, e.g. zipf:1.2")
+            "finite ALPHA >= 0, e.g. zipf:1.2, or trace:PATH.npz[:LAYER]")
   cli.check_profile(args.profile)
   if args.mesh is not None:  # before JAX starts
     cli.check_experts_fit(args.experts, *args.mesh)
@@ -125,12 +129,18 @@ def run(args) -> dict | None:
   from hiermoe_jax.swap.migrate import stats as migration_stats
 
   shape = MeshShape.of(mesh)
-  _, alpha = synthetic.parse_routing(args.routing)  # zipf: checked by check_args
+  kind, alpha = synthetic.parse_routing(args.routing)  # zipf or trace: checked by check_args
   cli.check_experts_fit(args.experts, shape.nodes, shape.local)
   ffn = args.ffn or args.hidden
-  steps = drifting_routing(devices=shape.devices, tokens=args.tokens, num_experts=args.experts,
-                           top_k=args.topk, alpha=alpha, steps=args.steps + 1, seed=args.seed,
-                           affinity=args.affinity, drift=args.drift)
+  if kind == "trace":
+    steps = [synthetic.routing(args.routing, devices=shape.devices, tokens=args.tokens,
+                               num_experts=args.experts, top_k=args.topk, step=s)
+             for s in range(args.steps + 1)]
+  else:
+    steps = drifting_routing(devices=shape.devices, tokens=args.tokens,
+                             num_experts=args.experts, top_k=args.topk, alpha=alpha,
+                             steps=args.steps + 1, seed=args.seed, affinity=args.affinity,
+                             drift=args.drift)
   observed, held_out = steps[:-1], steps[-1]
 
   config = SearchConfig(profile=cost.load_profile(args.profile), d_model=args.hidden, d_ff=ffn,
