@@ -73,3 +73,24 @@ def test_bad_wire_dtypes_are_clear_errors():
     router_config("softmax", comm_dtype="int8")
   with pytest.raises(ConfigError, match="fp8 wire needs all_to_all='padded'"):
     router_config("softmax", comm_dtype=wire.FP8, all_to_all="ragged")
+
+
+@pytest.mark.parametrize("comm_dtype,bits", [("bfloat16", "u16"), (wire.FP8, "u8")])
+def test_low_precision_rows_cross_the_cpu_wire_in_their_own_bytes(comm_dtype, bits):
+  """XLA:CPU widens bf16 / fp8 collectives to f32; the wire moves them as raw bits, so
+  every wide [S, D] all-to-all of the compiled step (forward and backward) carries
+  2- or 1-byte elements, and none carries f32 rows."""
+  mesh = mesh_of("2x4")
+  config = router_config("softmax", dispatch="hier_dedup").replace(comm_dtype=comm_dtype)
+  params, x, _, _ = random_inputs(config, mesh)
+
+  def loss(x):
+    y, _ = hm.moe_apply(params, x, config=config, mesh=mesh)
+    return jnp.sum(y ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+  results = [line.split("all-to-all(")[0] for line in hlo.splitlines() if " all-to-all(" in line]
+  width = config.d_model + (4 if comm_dtype == wire.FP8 else 0)  # fp8: + the row's scale
+  rows = [r for r in results if f",{config.d_model}]" in r or f",{width}]" in r]
+  assert rows and not any("f32[" in r for r in rows), rows
+  assert any(f"{bits}[" in r and f",{width}]" in r for r in rows), rows  # the dispatch

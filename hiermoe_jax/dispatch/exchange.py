@@ -120,7 +120,7 @@ def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: 
   move = (functools.partial(_exchange, send_P=counts_P, recv_P=recv_P, axes=axes, peers=peers,
                             ragged=True) if layout.ragged
           else functools.partial(_all_to_all, axes=axes))
-  recv_rows_SD = wire.send(send_rows_SD, move, layout.comm_dtype)
+  recv_rows_SD = wire.send(send_rows_SD, move, layout.comm_dtype, raw_bits=not layout.ragged)
   m = slots_IM.shape[1]
   recv_slots_SM = jax.lax.stop_gradient(recv_meta[:, :m]).astype(jnp.int32)
   recv_w_SM = recv_meta[:, m:]
@@ -132,8 +132,13 @@ def _unhop(y_SD, plan: HopPlan, tier: str, layout: Layout):
   """Reverse of `_hop`: send results back and add them into the sender's rows."""
   peers = tier_peers(tier, layout.shape)
   on_wire = wire.combine_dtype(y_SD.dtype, layout.comm_dtype)
-  back_SD = _exchange(y_SD.astype(on_wire), plan.received_P, plan.sent_P,
-                      layout.shape.tier_axes(tier), peers, layout.ragged).astype(y_SD.dtype)
+  axes = layout.shape.tier_axes(tier)
+  if layout.ragged:
+    back_SD = _exchange(y_SD.astype(on_wire), plan.received_P, plan.sent_P, axes, peers, True)
+  else:
+    back_SD = wire.carry(y_SD.astype(on_wire), functools.partial(_all_to_all, axes=axes),
+                         raw_bits=True)
+  back_SD = back_SD.astype(y_SD.dtype)
   ones_S = jnp.ones(back_SD.shape[:1], back_SD.dtype)
   return unpermute(back_SD, plan.send_src_S, ones_S, num_tokens=plan.num_rows,
                    impl=layout.permute_impl)

@@ -11,6 +11,10 @@ two multiply. As DeepSeek-V3 / DeepEP do:
 Expert compute, the router and the residual stream keep their dtypes: rows are
 cast back to the activation dtype on arrival.
 
+Sub-32-bit floats cross a padded exchange as raw bits (uint16 / uint8, `carry`):
+XLA:CPU widens bfloat16 and float8 collectives to float32, which on the CPU testbed
+put 2x (bf16) or 4x (fp8) the bytes on the link; on GPU the bitcasts are free.
+
 Error of one fp8 row x (scale s = max|x| / 448), per element:
     |dequant(quant(x)) - x| <= max(2**-4 * |x|, 2**-10 * s)
 (3 mantissa bits, round to nearest; 2**-10 is half the subnormal spacing), then
@@ -62,14 +66,48 @@ def dequantize(packed, dtype):
   return (packed[:, :-4].astype(jnp.float32) * scale_S[:, None]).astype(dtype)
 
 
-def send(buf_SD, exchange, comm_dtype: str | None):
+def _bits_dtype(dtype):
+  """The unsigned integer a sub-32-bit float travels as; None for any other dtype."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+    return jnp.dtype(f"uint{8 * dtype.itemsize}")
+  return None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _exchange_bits(x_SD, exchange):
+  bits = jax.lax.bitcast_convert_type(x_SD, _bits_dtype(x_SD.dtype))
+  return jax.lax.bitcast_convert_type(exchange(bits), x_SD.dtype)
+
+
+def _exchange_bits_fwd(x_SD, exchange):
+  return _exchange_bits(x_SD, exchange), None
+
+
+def _exchange_bits_bwd(exchange, _, g_SD):
+  return (_exchange_bits(g_SD, exchange),)  # the all-to-all is its own transpose
+
+
+_exchange_bits.defvjp(_exchange_bits_fwd, _exchange_bits_bwd)
+
+
+def carry(x_SD, exchange, raw_bits: bool):
+  """`exchange(x)`; with `raw_bits` (a padded exchange that closes over no traced
+  value), a sub-32-bit float moves as raw bits, so the wire holds its own bytes."""
+  if raw_bits and _bits_dtype(x_SD.dtype) is not None:
+    return _exchange_bits(x_SD, exchange)
+  return exchange(x_SD)
+
+
+def send(buf_SD, exchange, comm_dtype: str | None, *, raw_bits: bool = False):
   """`exchange(buf)` (a linear, self-transposed all-to-all) with the rows on the
-  wire in `comm_dtype`; returns them in buf's dtype."""
+  wire in `comm_dtype`; returns them in buf's dtype. `raw_bits`: see `carry`."""
+  move = functools.partial(carry, exchange=exchange, raw_bits=raw_bits)
   if comm_dtype is None or jnp.dtype(comm_dtype) == buf_SD.dtype:
-    return exchange(buf_SD)
+    return move(buf_SD)
   if comm_dtype != FP8:  # a plain cast: its cotangent travels in the same dtype
-    return exchange(buf_SD.astype(comm_dtype)).astype(buf_SD.dtype)
-  return _send_fp8(buf_SD, exchange)
+    return move(buf_SD.astype(comm_dtype)).astype(buf_SD.dtype)
+  return _send_fp8(buf_SD, move)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
