@@ -30,6 +30,15 @@ weights and optimizer state); until the first migration, the cost model prices i
 start of a run that also compiles the migration program then, not mid-training. In multi-process runs each measurement is the max over
 processes, so every process prices - and decides - the same.
 
+Adaptive interval (`max_interval`): plans are priced over max_interval steps (a
+placement stays until a later decision changes it) and, after each decision, the
+next comes after the taken plans' break-even steps (migration / saving per step;
+the soonest one), within [swap_interval, max_interval]; when nothing pays the
+interval doubles. With `SearchConfig.group_plans` a decision may re-place whole
+groups of experts (`groups.py`) instead of pairs, priced the same way. The
+chosen interval is host state, not checkpointed: a resumed run decides at its
+first step >= swap_interval.
+
 All or nothing: `maybe_swap` returns either the old tree and placements (no
 decision, or nothing pays) or the new tree with every new placement. Everything
 that can fail on the host (searches, leaf selection, checks, tracing, compiling)
@@ -119,14 +128,18 @@ class SwapController:
     tree given to `maybe_swap` (default: () - every expert leaf, for a single
     layer's params / optimizer state).
   ema: weight of the newest measurement in `slice_ms` (1: the last one only).
-  search_config.steps_until_next_decision is replaced by swap_interval (the horizon),
-  window_steps by the steps in the layer's window (gains are per step).
+  max_interval: None (decide every swap_interval steps) or an int > swap_interval:
+    the controller chooses its own interval in [swap_interval, max_interval]
+    (`next_interval`).
+  search_config.steps_until_next_decision is replaced by the horizon (swap_interval,
+  or max_interval when adaptive), window_steps by the steps in the layer's window
+  (gains are per step).
   """
 
   def __init__(self, search_config: SearchConfig, mesh: Mesh, swap_interval: int, *,
                window: int | None = None,
                expert_path: Callable[[Hashable], tuple] | None = None,
-               expert_axes=AXES, ema: float = 0.5):
+               expert_axes=AXES, ema: float = 0.5, max_interval: int | None = None):
     if isinstance(swap_interval, bool) or not isinstance(swap_interval, int) or swap_interval < 1:
       raise ValueError(f"swap_interval={swap_interval!r} is invalid: must be an int >= 1")
     window = swap_interval if window is None else window
@@ -134,8 +147,14 @@ class SwapController:
       raise ValueError(f"window={window!r} is invalid: must be an int >= 1 (observed steps)")
     if not (isinstance(ema, (int, float)) and 0 < ema <= 1):
       raise ValueError(f"ema={ema!r} is invalid: must be a number in (0, 1]")
+    if max_interval is not None and (isinstance(max_interval, bool) or not isinstance(
+        max_interval, int) or max_interval < swap_interval):
+      raise ValueError(f"max_interval={max_interval!r} is invalid: must be None or an int "
+                       f">= swap_interval={swap_interval}")
+    self.max_interval = max_interval or swap_interval
+    self.adaptive = self.max_interval > swap_interval
     self.config = dataclasses.replace(search_config,
-                                      steps_until_next_decision=swap_interval)
+                                      steps_until_next_decision=self.max_interval)
     self.ema = float(ema)
     self.mesh = mesh
     self.shape = MeshShape.of(mesh, expert_axes)
@@ -147,6 +166,9 @@ class SwapController:
     self.swaps = 0  # pairs applied
     self.slice_ms: float | None = search_config.slice_ms  # measured price (None: model)
     self.migrations = []  # per migration run: {"step", "slices", "bytes", "ms", "compile_ms"}
+    self.interval = swap_interval  # steps until the next decision (adaptive: chosen)
+    self.next_decision = swap_interval
+    self.intervals = []  # adaptive: (decision step, interval chosen) per decision
 
   def observe(self, layer: Hashable, topk_ids) -> None:
     """Adds one step's routing of `layer`: logical ids [N*G*T, K] or [N*G, T, K].
@@ -185,7 +207,30 @@ class SwapController:
 
   def due(self, step: int) -> bool:
     """Whether `maybe_swap(step, ...)` decides (step = optimizer steps done)."""
+    if self.adaptive:
+      return step > 0 and step >= self.next_decision
     return step > 0 and step % self.swap_interval == 0
+
+  def next_interval(self, taken: list[SwapPlan]) -> int:
+    """Steps until the next decision after one that took `taken` (adaptive mode).
+
+    A plan is taken when its saving over max_interval steps covers its migration;
+    the next decision comes once the soonest-paying plan has paid for itself (its
+    break-even steps), so cheap, large gains are revisited often. When nothing
+    pays, the interval doubles. Bounded by [swap_interval, max_interval].
+    """
+    if taken:
+      steps = min(plan.break_even_steps for plan in taken)
+      interval = int(np.ceil(steps)) if np.isfinite(steps) else self.max_interval
+    else:
+      interval = 2 * self.interval
+    return int(min(max(interval, self.swap_interval), self.max_interval))
+
+  def _decided(self, step: int, taken: list[SwapPlan]) -> None:
+    if self.adaptive:
+      self.interval = self.next_interval(taken)
+      self.next_decision = step + self.interval
+      self.intervals.append((step, self.interval))
 
   def plan(self, layer: Hashable, placement) -> SwapPlan | None:
     """One search on the layer's window (None if nothing was observed)."""
@@ -253,6 +298,7 @@ class SwapController:
       plan = self.plan(layer, placement)
       if plan is not None and plan.changed:
         changes.append((layer, plan, time.perf_counter() - t0))
+    self._decided(step, [plan for _, plan, _ in changes])
     if not changes:
       return tree, placements, []
     moves = self._moves(tree, placements, {layer: plan for layer, plan, _ in changes})
@@ -265,7 +311,7 @@ class SwapController:
     except Exception as e:
       raise _swap_error(step, tree, e) from e
     compile_s = migration_stats.compile_s - compile_s
-    slices = sum(2 * len(plan.pairs) for _, plan, _ in changes)
+    slices = sum(plan.slices for _, plan, _ in changes)
     priced = self.slice_ms
     migrate_ms = self.record_migration(
         max(1e3 * (time.perf_counter() - t0 - compile_s), 0.0), slices)
@@ -277,7 +323,8 @@ class SwapController:
       placements[layer] = plan.placement.astype(np.int32)
       self.swaps += len(plan.pairs)
       share = plan.bytes_to_move / total_bytes
-      events.append({"layer": _jsonable(layer), "pairs": [list(map(int, p)) for p in plan.pairs],
+      events.append({"layer": _jsonable(layer), "kind": plan.kind, "slices": plan.slices,
+                     "pairs": [list(map(int, p)) for p in plan.pairs],
                      "predicted_gain_ms": float(plan.gain_ms),
                      "predicted_migration_ms": float(plan.migration_ms),
                      "priced_by": "model" if priced is None else "measured",
