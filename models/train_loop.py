@@ -115,8 +115,9 @@ def evaluate(model: Model, state: TrainState, batches: data_lib.Batches, rows) -
 def swap_controller(cfg: Config, model: Model) -> SwapController | None:
   """The expert-swap controller of train.swap_* (None when train.swap_interval = 0).
 
-  A decision weighs the predicted saving over the next swap_interval steps against
-  the migration of weights and both AdamW moments.
+  A decision weighs the predicted saving over the next swap_interval steps (or
+  swap_max_interval when the controller picks its interval) against the migration
+  of weights and both AdamW moments.
   """
   tc = cfg.train
   if not tc.swap_interval:
@@ -127,10 +128,12 @@ def swap_controller(cfg: Config, model: Model) -> SwapController | None:
       bytes_per_elem=np.dtype(cfg.model.dtype).itemsize,
       param_bytes_per_elem=np.dtype(cfg.model.param_dtype).itemsize, optimizer_slots=2,
       steps_until_next_decision=tc.swap_interval, max_pairs=tc.swap_max_pairs,
+      grow_pairs=tc.swap_grow_pairs, group_plans=tc.swap_groups,
       migration=tc.swap_migration_cost)
   return SwapController(search_config, model.mesh, tc.swap_interval,
                         window=tc.swap_window or tc.swap_interval,
-                        expert_path=lambda layer: (layer,))  # in `expert_view`'s tree
+                        max_interval=tc.swap_max_interval or None,
+                        expert_path=lambda layer: (layer,))  # in `_expert_view`'s tree
 
 
 def _key(entry):
@@ -171,38 +174,57 @@ def _row_sharding(leaf):
   return NamedSharding(leaf.sharding.mesh, P(*leaf.sharding.spec[1:]))
 
 
-def _swap(model: Model, controller, done: int, state: TrainState, topk_ids) -> tuple:
-  """Observes this step's routing; at a decision step migrates experts (params and
-  optimizer state together) and writes the new placements into the buffers.
-
-  The controller sees each layer's expert leaves as [E, ...] stacks, {layer:
-  {"experts": {leaf index: leaf}}}: the state's own leaves when unrolled; with scanned
-  layers, each layer's row of the [layers, E, ...] leaves (a copy of every MoE layer's
-  expert state for the decision), written back in place for the layers that moved."""
-  for layer, ids in zip(model.moe_layers, topk_ids):
-    controller.observe(layer, ids)
-  if not controller.due(done):
-    return state, []
-  placements = placements_of(state.buffers, model.moe_layers, model.cfg.model)
+def _expert_view(model: Model, state: TrainState) -> tuple:
+  """(view, leaves, treedef, sites): the controller sees each layer's expert leaves
+  as [E, ...] stacks, {layer: {"experts": {leaf index: leaf}}}: the state's own
+  leaves when unrolled; with scanned layers, each layer's row of the [layers, E, ...]
+  leaves (a copy of every MoE layer's expert state)."""
   leaves, treedef = jax.tree_util.tree_flatten((state.params, state.opt_state))
   sites = expert_sites(model.cfg.model, model.moe_layers, (state.params, state.opt_state))
   view = {layer: {"experts": {}} for layer in model.moe_layers}
   for n, layer, row in sites:
     take = None if row is None else _row_fns(leaves[n].sharding, _row_sharding(leaves[n]))[0]
     view[layer]["experts"][n] = leaves[n] if row is None else take(leaves[n], row)
-  view, new, events = controller.maybe_swap(done, view, placements)
-  if not events:
-    return state, events
-  changed = {e["layer"]: new[e["layer"]] for e in events}
+  return view, leaves, treedef, sites
+
+
+def _write_back(state: TrainState, view, leaves, treedef, sites, layers, rows: bool = True):
+  """The state with the view's leaves of `layers` (scanned rows: in place, if `rows`)."""
   for n, layer, row in sites:
-    if layer in changed:
+    if layer in layers and (row is None or rows):
       value = view[layer]["experts"][n]
       put = None if row is None else _row_fns(leaves[n].sharding, _row_sharding(leaves[n]))[1]
       leaves[n] = value if row is None else put(leaves[n], row, value)
   params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
-  state = state.replace(params=params, opt_state=opt_state,
-                        buffers=with_placements(state.buffers, changed, model.cfg.model))
-  return state, events
+  return state.replace(params=params, opt_state=opt_state)
+
+
+def calibrate_swaps(model: Model, controller: SwapController, state: TrainState) -> TrainState:
+  """`SwapController.calibrate` on the state's expert leaves: compiles the migration
+  program and prices a moved slice before step 1. Same values; the donated unrolled
+  leaves are replaced (scanned rows were copies: the stacks are untouched)."""
+  placements = placements_of(state.buffers, model.moe_layers, model.cfg.model)
+  view, leaves, treedef, sites = _expert_view(model, state)
+  view = controller.calibrate(view, placements)
+  return _write_back(state, view, leaves, treedef, sites, placements, rows=False)
+
+
+def _swap(model: Model, controller, done: int, state: TrainState, topk_ids) -> tuple:
+  """Observes this step's routing; at a decision step migrates experts (params and
+  optimizer state together, `_expert_view`), writes the layers that moved back (rows
+  of scanned stacks in place) and their new placements into the buffers."""
+  for layer, ids in zip(model.moe_layers, topk_ids):
+    controller.observe(layer, ids)
+  if not controller.due(done):
+    return state, []
+  placements = placements_of(state.buffers, model.moe_layers, model.cfg.model)
+  view, leaves, treedef, sites = _expert_view(model, state)
+  view, new, events = controller.maybe_swap(done, view, placements)
+  if not events:
+    return state, events
+  changed = {e["layer"]: new[e["layer"]] for e in events}
+  state = _write_back(state, view, leaves, treedef, sites, changed)
+  return state.replace(buffers=with_placements(state.buffers, changed, model.cfg.model)), events
 
 
 def _log(message: str, enabled: bool) -> None:
@@ -358,6 +380,8 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
   checkpointer = Checkpointer(run_dir, keep=tc.keep)
   try:
     state, start = _resume(model, checkpointer, controller, lead)
+    if controller is not None and tc.swap_migration_cost:
+      state = calibrate_swaps(model, controller, state)  # compiles the migration now
     if start:
       _log(f"resumed from step {start} in {run_dir} on a "
            f"{mesh.shape['node']}x{mesh.shape['local']} mesh", verbose)

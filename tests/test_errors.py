@@ -122,7 +122,8 @@ RUN_CASES = {
               "b2": "-0.1", "grad_clip": "0", "seed": "-1", "eval_every": "-1",
               "eval_batches": "0", "checkpoint_every": "-5", "keep": "0",
               "swap_interval": "-1", "swap_window": "-1", "swap_max_pairs": "-1",
-              "swap_profile": "", "swap_migration_cost": "maybe", "on_nan": "maybe",
+              "swap_profile": "", "swap_migration_cost": "maybe", "swap_max_interval": "-1",
+              "swap_grow_pairs": "maybe", "swap_groups": "maybe", "on_nan": "maybe",
               "nan_skip_limit": "-1", "drop_warning": "1.5", "loss_chunk": "-1",
               "microbatches": "0", "auto_calibrate": "maybe", "auto_recheck_steps": "-1",
               "auto_margin": "1", "auto_drift": "0"},
@@ -150,6 +151,7 @@ def test_every_run_config_key_has_an_invalid_case():
 @pytest.mark.parametrize("key, value", [
     ("train.seed", str(2 ** 63)),  # jax.random.key overflows past a C long
     ("train.swap_profile", "/nonexistent.json"),  # loaded up front when swaps are on
+    ("train.swap_max_interval", "1"),  # below train.swap_interval
 ])
 def test_run_config_limits_checked_up_front(key, value):
   with pytest.raises(ConfigError) as e:

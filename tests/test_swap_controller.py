@@ -442,3 +442,36 @@ def test_bench_swap_routing_and_report(tmp_path):
       len(e["pairs"]) for e in report["events"])
   for event in report["events"]:
     assert event["predicted_gain_ms"] > 0 and np.isfinite(event["measured_gain_ms"])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_trainer_calibrates_before_step_one(scan):
+  """models.train_loop.calibrate_swaps: the state keeps every value (unrolled leaves
+  were donated and replaced; scanned rows were copies), a slice is priced, and the
+  migration program it compiled serves the trainer's first decision."""
+  import pathlib
+
+  from models.config import load_config
+  from models.steps import Model
+  from models.train_loop import _swap, calibrate_swaps, run_mesh, swap_controller
+  migrate_lib = importlib.import_module("hiermoe_jax.swap.migrate")
+  cfg = load_config(pathlib.Path(__file__).parents[1] / "configs" / "tiny.yaml", [
+      "mesh.nodes=2", "mesh.local=4", "model.d_model=16", "model.n_heads=2", "model.d_ff=32",
+      "model.n_layers=2", "moe.num_experts=8", "moe.d_ff=8", "moe.top_k=2",
+      "train.swap_interval=1", f"model.scan_layers={str(scan).lower()}"])
+  model = Model(cfg, run_mesh(cfg))
+  controller = swap_controller(cfg, model)
+  state = model.init_state()
+  before = host((state.params, state.opt_state, state.buffers))
+  compiles = migrate_lib.stats.compiles
+  state = calibrate_swaps(model, controller, state)
+  after = (state.params, state.opt_state, state.buffers)
+  for got, want in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  compiled = migrate_lib.stats.compiles  # one more, or none if an earlier test compiled it
+  assert controller.slice_ms > 0 and compiled - compiles <= 1
+  controller.slice_ms = 0.0  # any predicted gain pays
+  ids = [synthetic.routing("zipf:1.5", devices=8, tokens=T, num_experts=8, top_k=2, seed=layer)
+         for layer in model.moe_layers]
+  state, events = _swap(model, controller, 1, state, ids)
+  assert events and migrate_lib.stats.compiles == compiled
