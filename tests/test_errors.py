@@ -272,6 +272,7 @@ SWAP = ["--mesh", "2x4", "--experts", "16", "--topk", "2", "--tokens", "32", "--
     (["--affinity", "nan"], ["--affinity='nan' is invalid"]),
     (["--drift", "-1"], ["--drift='-1' is invalid"]),
     (["--window", "0"], ["--window='0' is invalid"]),
+    (["--swap-interval", "4", "--max-interval", "2"], ["--max-interval=2 is invalid"]),
     (["--seed", str(2 ** 64)], ["--seed=", "is invalid"]),
     (["--experts", "12"], ["--experts=12 is invalid", "8 devices"]),
     (["--mesh", "4x4"], ["--mesh=4x4 is invalid"]),
