@@ -163,7 +163,6 @@ def run(args) -> dict | None:
     events += [{"step": step, **e} for e in new]
     if new:
       visited.append(placements[0])
-  final = placements[0]
 
   x, _, w = timed_lib.routed_inputs(held_out, args.hidden, "float32", args.seed)
   x_g, w_g = timed_lib.global_array(mesh, x), timed_lib.global_array(mesh, w)
