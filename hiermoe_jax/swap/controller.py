@@ -39,6 +39,10 @@ groups of experts (`groups.py`) instead of pairs, priced the same way. The
 chosen interval is host state, not checkpointed: a resumed run decides at its
 first step >= swap_interval.
 
+Scanned stacks (`stacks`): a placement key may hold an [L, E] placement over
+[L, E, ...] leaves; each row is searched on its own layer's window, and the
+stack migrates in place (one `migrate_many` move with the [L, E] tables).
+
 All or nothing: `maybe_swap` returns either the old tree and placements (no
 decision, or nothing pays) or the new tree with every new placement. Everything
 that can fail on the host (searches, leaf selection, checks, tracing, compiling)
