@@ -293,7 +293,9 @@ class SwapController:
     placements: {key: [E] slot -> logical expert, or [L, E] for a key of `stacks`}
       (host or device values).
     Returns (tree, placements as {key: int32 numpy}, events), one event per
-    layer whose placement changed: {"layer", "pairs", "predicted_gain_ms" (per
+    layer whose placement changed: {"layer", "kind" ("pairs" or a group plan's:
+    "colocate", "pack"), "slices" (experts that changed device), "pairs" (slot
+    pairs; empty for a group plan), "predicted_gain_ms" (per
     step), "predicted_migration_ms" (as priced), "priced_by" ("model" or
     "measured"), "migration_ms" (measured, its share by bytes), "bytes_moved",
     "time_s" (its search plus its share of the migration and any compilation)}.
