@@ -444,11 +444,10 @@ def test_bench_swap_routing_and_report(tmp_path):
     assert event["predicted_gain_ms"] > 0 and np.isfinite(event["measured_gain_ms"])
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_trainer_calibrates_before_step_one(scan):
-  """models.train_loop.calibrate_swaps: the state keeps every value (unrolled leaves
-  were donated and replaced; scanned rows were copies), a slice is priced, and the
-  migration program it compiled serves the trainer's first decision."""
+def test_trainer_calibrates_before_step_one():
+  """models.train_loop.calibrate_swaps on a scanned model ([L, E] placement, the stack
+  moved in place; the unrolled write-back is test_train's): the state keeps every
+  value, a slice is priced, and the program it compiled serves the first decision."""
   import pathlib
 
   from models.config import load_config
@@ -458,9 +457,10 @@ def test_trainer_calibrates_before_step_one(scan):
   cfg = load_config(pathlib.Path(__file__).parents[1] / "configs" / "tiny.yaml", [
       "mesh.nodes=2", "mesh.local=4", "model.d_model=16", "model.n_heads=2", "model.d_ff=32",
       "model.n_layers=2", "moe.num_experts=8", "moe.d_ff=8", "moe.top_k=2",
-      "train.swap_interval=1", f"model.scan_layers={str(scan).lower()}"])
+      "train.swap_interval=1", "model.scan_layers=true"])
   model = Model(cfg, run_mesh(cfg))
   controller = swap_controller(cfg, model)
+  assert list(controller.stacks.values()) == [tuple(model.moe_layers)]  # one [L, E] key
   state = model.init_state()
   before = host((state.params, state.opt_state, state.buffers))
   compiles = migrate_lib.stats.compiles
