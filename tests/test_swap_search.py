@@ -304,3 +304,23 @@ def test_grow_pairs_continues_while_pairs_pay():
           if device[i] != device[j] and i not in used and j not in used]
   best = min(pairs_after[i, j] for i, j in free) if free else now
   assert (now - best) * 50 <= 2e-3
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (4, 1), (2, 4), (8, 1)])
+def test_group_plans_are_priced_permutations(shape):
+  """On any mesh shape: a permutation, `slices` = experts that change device, priced
+  per slice, the model's time; experts that stay on their device keep their slot."""
+  from hiermoe_jax.swap import groups
+  ids = random_ids(shape, 12, 3, 16, seed=31, skew=0.5)
+  placement = np.random.default_rng(32).permutation(16)
+  cfg = config(slice_ms=0.5)
+  for plan in groups.group_plans(ids, placement, MeshShape(*shape), cfg):
+    assert sorted(plan.placement) == list(range(16))
+    per_device = 16 // (shape[0] * shape[1])
+    old_device, new_device = (np.argsort(p) // per_device for p in (placement, plan.placement))
+    moved = old_device != new_device
+    assert plan.slices == moved.sum() and plan.migration_ms == pytest.approx(0.5 * moved.sum())
+    stay = ~moved[plan.placement]  # slots whose expert did not change device
+    np.testing.assert_array_equal(plan.placement[stay], placement[stay])
+    np.testing.assert_allclose(plan.time_after_ms, predicted_time_ms(ids, plan.placement, shape,
+                                                                     cfg), rtol=1e-12)
