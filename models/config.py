@@ -147,6 +147,11 @@ class TrainConfig:
   swap_max_pairs: int = 1  # disjoint expert pairs swapped per layer per decision
   swap_profile: str = "default"  # cost profile: "default", "paper_a6000" or a JSON path
   swap_migration_cost: bool = True  # false: migration priced at 0 (any predicted gain swaps)
+  # > swap_interval: the controller picks each next interval in [swap_interval, this]
+  # (break-even steps of what it moved; doubles when nothing pays); 0 = fixed interval
+  swap_max_interval: int = 0
+  swap_grow_pairs: bool = False  # more than swap_max_pairs while each further pair pays
+  swap_groups: bool = False  # also price whole re-placements (co-location, load packing)
   on_nan: str = "stop"  # NaN/Inf loss or gradients: "stop" the run or "skip" the update
   nan_skip_limit: int = 10  # on_nan=skip: stop after this many skips in a row (0 = never)
   drop_warning: float = 0.01  # warn when a layer drops more than this fraction of its pairs
@@ -170,7 +175,8 @@ class TrainConfig:
                   ("batch_size", "seq_len", "steps", "eval_batches", "keep"))
     _check_fields(check_int, "train", self,
                   ("warmup_steps", "eval_every", "checkpoint_every", "swap_interval",
-                   "swap_window", "swap_max_pairs", "nan_skip_limit", "loss_chunk"), low=0)
+                   "swap_window", "swap_max_pairs", "swap_max_interval", "nan_skip_limit",
+                   "loss_chunk"), low=0)
     check_int("train.microbatches", self.microbatches)
     if self.batch_size % self.microbatches:
       fail("train.microbatches", self.microbatches,
@@ -184,6 +190,11 @@ class TrainConfig:
     check_real("train.grad_clip", self.grad_clip, 0, strict=True)
     _check_interval("train.drop_warning", self.drop_warning, "in [0, 1]", lambda v: 0 <= v <= 1)
     check_bool("train.swap_migration_cost", self.swap_migration_cost, "true/false")
+    check_bool("train.swap_grow_pairs", self.swap_grow_pairs, "true/false")
+    check_bool("train.swap_groups", self.swap_groups, "true/false")
+    if self.swap_max_interval and self.swap_max_interval < self.swap_interval:
+      fail("train.swap_max_interval", self.swap_max_interval,
+           f"must be 0 (fixed interval) or >= train.swap_interval={self.swap_interval}")
     check_bool("train.auto_calibrate", self.auto_calibrate, "true/false")
     check_int("train.auto_recheck_steps", self.auto_recheck_steps, low=0)
     _check_interval("train.auto_margin", self.auto_margin, "in [0, 1)", lambda v: 0 <= v < 1)

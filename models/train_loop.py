@@ -17,7 +17,6 @@ all-finite state, and resuming skips damaged checkpoints (models/checkpoint.py).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import pathlib
 import signal
@@ -30,7 +29,6 @@ import jax
 import numpy as np
 import yaml
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hiermoe_jax as hm
 from hiermoe_jax import cost as cost_lib
@@ -116,8 +114,9 @@ def evaluate(model: Model, state: TrainState, batches: data_lib.Batches, rows) -
 def swap_controller(cfg: Config, model: Model) -> SwapController | None:
   """The expert-swap controller of train.swap_* (None when train.swap_interval = 0).
 
-  A decision weighs the predicted saving over the next swap_interval steps against
-  the migration of weights and both AdamW moments.
+  A decision weighs the predicted saving over the next swap_interval steps (or
+  swap_max_interval when the controller picks its interval) against the migration
+  of weights and both AdamW moments.
   """
   tc = cfg.train
   if not tc.swap_interval:
@@ -128,10 +127,27 @@ def swap_controller(cfg: Config, model: Model) -> SwapController | None:
       bytes_per_elem=np.dtype(cfg.model.dtype).itemsize,
       param_bytes_per_elem=np.dtype(cfg.model.param_dtype).itemsize, optimizer_slots=2,
       steps_until_next_decision=tc.swap_interval, max_pairs=tc.swap_max_pairs,
+      grow_pairs=tc.swap_grow_pairs, group_plans=tc.swap_groups,
       migration=tc.swap_migration_cost)
   return SwapController(search_config, model.mesh, tc.swap_interval,
                         window=tc.swap_window or tc.swap_interval,
-                        expert_path=lambda layer: (layer,))  # in `expert_view`'s tree
+                        max_interval=tc.swap_max_interval or None,
+                        stacks=_stacks(cfg.model, model.moe_layers),
+                        expert_path=lambda key: (key,))  # in `_expert_view`'s tree
+
+
+def _stacks(model_cfg: ModelConfig, layers) -> dict[str, tuple[int, ...]]:
+  """{"stacks/<run>": MoE layer of each row} of a scanned model ({} unrolled): the
+  controller's keys for [L, E] placements, whose [L, E, ...] leaves move in place."""
+  rows = {}
+  for layer in layers:
+    keys, row = block_site(model_cfg, layer)
+    if row is not None:
+      rows.setdefault("/".join(map(str, keys)), {})[row] = layer
+  for key, by_row in rows.items():
+    if sorted(by_row) != list(range(len(by_row))):
+      raise ValueError(f"scanned stack {key} mixes MoE and dense rows {sorted(by_row)}")
+  return {key: tuple(by_row[r] for r in range(len(by_row))) for key, by_row in rows.items()}
 
 
 def _key(entry):
@@ -157,53 +173,57 @@ def expert_sites(model_cfg: ModelConfig, layers, tree) -> list[tuple[int, int, i
   return sites
 
 
-@functools.cache
-def _row_fns(sharding, row_sharding):
-  """jitted (stack, row) -> stack[row] and (stack, row, value) -> stack with that row
-  replaced (in place: the stack is donated), in the given shardings."""
-  take = jax.jit(lambda x, row: jax.lax.dynamic_index_in_dim(x, row, 0, keepdims=False),
-                 out_shardings=row_sharding)
-  put = jax.jit(lambda x, row, value: jax.lax.dynamic_update_index_in_dim(x, value, row, 0),
-                donate_argnums=0, out_shardings=sharding)
-  return take, put
+def _expert_view(model: Model, controller: SwapController, state: TrainState) -> tuple:
+  """(view, placements, leaves, treedef, sites): the state's own expert leaves as
+  {key: {"experts": {leaf index: leaf}}} and their placements {key: [E] or [L, E]},
+  key a layer (unrolled) or a scanned stack (`_stacks`; no rows are copied)."""
+  leaves, treedef = jax.tree_util.tree_flatten((state.params, state.opt_state))
+  sites = expert_sites(model.cfg.model, model.moe_layers, (state.params, state.opt_state))
+  key_of = {layer: key for key, layers in controller.stacks.items() for layer in layers}
+  view = {}
+  for n, layer, _ in sites:
+    view.setdefault(key_of.get(layer, layer), {"experts": {}})["experts"][n] = leaves[n]
+  per_layer = placements_of(state.buffers, model.moe_layers, model.cfg.model)
+  placements = {layer: p for layer, p in per_layer.items() if layer not in key_of}
+  placements.update({key: np.stack([np.asarray(per_layer[layer]) for layer in layers])
+                     for key, layers in controller.stacks.items()})
+  return view, placements, leaves, treedef, sites
 
 
-def _row_sharding(leaf):
-  return NamedSharding(leaf.sharding.mesh, P(*leaf.sharding.spec[1:]))
+def _write_back(state: TrainState, view, leaves, treedef, sites, stacks) -> TrainState:
+  """The state with the view's expert leaves (migration donated the old ones)."""
+  key_of = {layer: key for key, layers in stacks.items() for layer in layers}
+  for n, layer, _ in sites:
+    leaves[n] = view[key_of.get(layer, layer)]["experts"][n]
+  params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
+  return state.replace(params=params, opt_state=opt_state)
+
+
+def calibrate_swaps(model: Model, controller: SwapController, state: TrainState) -> TrainState:
+  """`SwapController.calibrate` on the state's expert leaves: compiles the migration
+  program and prices a moved slice before step 1 (same values, new leaves)."""
+  view, placements, *rest = _expert_view(model, controller, state)
+  return _write_back(state, controller.calibrate(view, placements), *rest, controller.stacks)
 
 
 def _swap(model: Model, controller, done: int, state: TrainState, topk_ids) -> tuple:
   """Observes this step's routing; at a decision step migrates experts (params and
-  optimizer state together) and writes the new placements into the buffers.
-
-  The controller sees each layer's expert leaves as [E, ...] stacks, {layer:
-  {"experts": {leaf index: leaf}}}: the state's own leaves when unrolled; with scanned
-  layers, each layer's row of the [layers, E, ...] leaves (a copy of every MoE layer's
-  expert state for the decision), written back in place for the layers that moved."""
+  optimizer state together, `_expert_view`) and writes the new placements into the
+  buffers."""
   for layer, ids in zip(model.moe_layers, topk_ids):
     controller.observe(layer, ids)
   if not controller.due(done):
     return state, []
-  placements = placements_of(state.buffers, model.moe_layers, model.cfg.model)
-  leaves, treedef = jax.tree_util.tree_flatten((state.params, state.opt_state))
-  sites = expert_sites(model.cfg.model, model.moe_layers, (state.params, state.opt_state))
-  view = {layer: {"experts": {}} for layer in model.moe_layers}
-  for n, layer, row in sites:
-    take = None if row is None else _row_fns(leaves[n].sharding, _row_sharding(leaves[n]))[0]
-    view[layer]["experts"][n] = leaves[n] if row is None else take(leaves[n], row)
+  view, placements, *rest = _expert_view(model, controller, state)
   view, new, events = controller.maybe_swap(done, view, placements)
   if not events:
     return state, events
-  changed = {e["layer"]: new[e["layer"]] for e in events}
-  for n, layer, row in sites:
-    if layer in changed:
-      value = view[layer]["experts"][n]
-      put = None if row is None else _row_fns(leaves[n].sharding, _row_sharding(leaves[n]))[1]
-      leaves[n] = value if row is None else put(leaves[n], row, value)
-  params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
-  state = state.replace(params=params, opt_state=opt_state,
-                        buffers=with_placements(state.buffers, changed, model.cfg.model))
-  return state, events
+  state = _write_back(state, view, *rest, controller.stacks)
+  per_layer = {layer: p for layer, p in new.items() if layer not in controller.stacks}
+  for key, layers in controller.stacks.items():
+    per_layer.update(zip(layers, new[key]))
+  changed = {e["layer"]: per_layer[e["layer"]] for e in events}
+  return state.replace(buffers=with_placements(state.buffers, changed, model.cfg.model)), events
 
 
 def _log(message: str, enabled: bool) -> None:
@@ -359,6 +379,8 @@ def run(cfg: Config, run_dir: str | pathlib.Path, *, stop_after: int | None = No
   checkpointer = Checkpointer(run_dir, keep=tc.keep)
   try:
     state, start = _resume(model, checkpointer, controller, lead)
+    if controller is not None and tc.swap_migration_cost:
+      state = calibrate_swaps(model, controller, state)  # compiles the migration now
     if start:
       _log(f"resumed from step {start} in {run_dir} on a "
            f"{mesh.shape['node']}x{mesh.shape['local']} mesh", verbose)

@@ -122,7 +122,8 @@ RUN_CASES = {
               "b2": "-0.1", "grad_clip": "0", "seed": "-1", "eval_every": "-1",
               "eval_batches": "0", "checkpoint_every": "-5", "keep": "0",
               "swap_interval": "-1", "swap_window": "-1", "swap_max_pairs": "-1",
-              "swap_profile": "", "swap_migration_cost": "maybe", "on_nan": "maybe",
+              "swap_profile": "", "swap_migration_cost": "maybe", "swap_max_interval": "-1",
+              "swap_grow_pairs": "maybe", "swap_groups": "maybe", "on_nan": "maybe",
               "nan_skip_limit": "-1", "drop_warning": "1.5", "loss_chunk": "-1",
               "microbatches": "0", "auto_calibrate": "maybe", "auto_recheck_steps": "-1",
               "auto_margin": "1", "auto_drift": "0", "routing_trace": "t.npy",
@@ -151,6 +152,7 @@ def test_every_run_config_key_has_an_invalid_case():
 @pytest.mark.parametrize("key, value", [
     ("train.seed", str(2 ** 63)),  # jax.random.key overflows past a C long
     ("train.swap_profile", "/nonexistent.json"),  # loaded up front when swaps are on
+    ("train.swap_max_interval", "1"),  # below train.swap_interval
 ])
 def test_run_config_limits_checked_up_front(key, value):
   with pytest.raises(ConfigError) as e:
@@ -271,6 +273,7 @@ SWAP = ["--mesh", "2x4", "--experts", "16", "--topk", "2", "--tokens", "32", "--
     (["--affinity", "nan"], ["--affinity='nan' is invalid"]),
     (["--drift", "-1"], ["--drift='-1' is invalid"]),
     (["--window", "0"], ["--window='0' is invalid"]),
+    (["--swap-interval", "4", "--max-interval", "2"], ["--max-interval=2 is invalid"]),
     (["--seed", str(2 ** 64)], ["--seed=", "is invalid"]),
     (["--experts", "12"], ["--experts=12 is invalid", "8 devices"]),
     (["--mesh", "4x4"], ["--mesh=4x4 is invalid"]),

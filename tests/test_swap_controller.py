@@ -325,6 +325,64 @@ def test_decisions_are_deterministic():
   assert plans[0].gain_ms == plans[1].gain_ms
 
 
+def test_interval_adapts_to_gain_over_migration():
+  """Adaptive (max_interval): priced over max_interval steps; the next decision
+  comes after the taken plan's break-even steps (within [swap_interval,
+  max_interval]) and doubles when nothing pays."""
+  mesh = mesh_of("2x4")
+  ids = [skewed_ids(40), skewed_ids(41)]
+  ident = np.arange(E, dtype=np.int32)
+  plan = search(np.concatenate(ids, axis=1), ident, MeshShape(2, 4),
+                search_config(max_pairs=1, migration=True, slice_ms=0.0, window_steps=2))
+  # Migration of one pair (2 slices) paid back after `break_even` steps.
+  for break_even, interval in ((0.5, 2), (6.5, 7), (20.0, 4)):
+    controller = SwapController(search_config(max_pairs=1, migration=True), mesh,
+                                swap_interval=2, max_interval=16, expert_path=lambda layer: ())
+    controller.slice_ms = break_even * plan.gain_ms / 2
+    for step_ids in ids:
+      controller.observe(0, step_ids)
+    assert not controller.due(1) and controller.due(2)
+    params = hm.init_params(jax.random.key(3), moe_config(), mesh)
+    _, _, events = controller.maybe_swap(2, params, {0: ident})
+    assert bool(events) == (break_even < 16) and controller.intervals == [(2, interval)]
+    assert not controller.due(1 + interval) and controller.due(2 + interval)
+  # Nothing pays again: the interval keeps doubling up to max_interval.
+  for step, interval in ((6, 8), (14, 16), (30, 16)):
+    controller.maybe_swap(step, params, {0: ident})
+    assert controller.intervals[-1] == (step, interval)
+  with pytest.raises(ValueError, match="max_interval=1"):
+    SwapController(search_config(), mesh, swap_interval=2, max_interval=1)
+
+
+def test_group_plan_moves_params_and_optimizer_state():
+  """4x2 mesh, routing by groups of co-selected experts: the controller takes the
+  co-location plan and moves every expert leaf (params, Adam moments) as it says."""
+  mesh = mesh_of("4x2")
+  group = np.random.default_rng(0).integers(0, 4, size=(8, T))
+  ids = np.stack([group + 4 * k for k in range(4)], axis=-1)
+  controller = SwapController(search_config(max_pairs=2, migration=True, group_plans=True),
+                              mesh, swap_interval=1, expert_path=lambda layer: ())
+  controller.slice_ms = 0.0
+  controller.observe(0, ids)
+  params = hm.init_params(jax.random.key(5), moe_config(), mesh)
+  tree = (params, optax.adam(1e-3).init(params))
+  tree = jax.tree.map(lambda x: x + 1.0, tree)  # nonzero moments
+  before = host(tree)
+  tree, placements, (event,) = controller.maybe_swap(1, tree, {0: np.arange(E)})
+  assert event["kind"] == "colocate" and event["pairs"] == [] and event["slices"] == 12
+  new = placements[0]  # from the identity: slot s takes old slot new[s]
+  node_of = np.argsort(new) // 4
+  assert all(len(set(node_of[[g, g + 4, g + 8, g + 12]])) == 1 for g in range(4))
+  assert controller.migrations[0]["slices"] == 12
+  expert = experts_under((), E)
+  moved = 0
+  for (path, after), old in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                                jax.tree_util.tree_leaves(before)):
+    moved += expert(path, after)
+    np.testing.assert_array_equal(np.asarray(after), old[new] if expert(path, after) else old)
+  assert moved == 9  # gate, up, down in params, mu and nu
+
+
 def test_rejects_bad_arguments():
   mesh = mesh_of("2x4")
   with pytest.raises(ValueError, match="swap_interval=0"):
@@ -384,3 +442,36 @@ def test_bench_swap_routing_and_report(tmp_path):
       len(e["pairs"]) for e in report["events"])
   for event in report["events"]:
     assert event["predicted_gain_ms"] > 0 and np.isfinite(event["measured_gain_ms"])
+
+
+def test_trainer_calibrates_before_step_one():
+  """models.train_loop.calibrate_swaps on a scanned model ([L, E] placement, the stack
+  moved in place; the unrolled write-back is test_train's): the state keeps every
+  value, a slice is priced, and the program it compiled serves the first decision."""
+  import pathlib
+
+  from models.config import load_config
+  from models.steps import Model
+  from models.train_loop import _swap, calibrate_swaps, run_mesh, swap_controller
+  migrate_lib = importlib.import_module("hiermoe_jax.swap.migrate")
+  cfg = load_config(pathlib.Path(__file__).parents[1] / "configs" / "tiny.yaml", [
+      "mesh.nodes=2", "mesh.local=4", "model.d_model=16", "model.n_heads=2", "model.d_ff=32",
+      "model.n_layers=2", "moe.num_experts=8", "moe.d_ff=8", "moe.top_k=2",
+      "train.swap_interval=1", "model.scan_layers=true"])
+  model = Model(cfg, run_mesh(cfg))
+  controller = swap_controller(cfg, model)
+  assert list(controller.stacks.values()) == [tuple(model.moe_layers)]  # one [L, E] key
+  state = model.init_state()
+  before = host((state.params, state.opt_state, state.buffers))
+  compiles = migrate_lib.stats.compiles
+  state = calibrate_swaps(model, controller, state)
+  after = (state.params, state.opt_state, state.buffers)
+  for got, want in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  compiled = migrate_lib.stats.compiles  # one more, or none if an earlier test compiled it
+  assert controller.slice_ms > 0 and compiled - compiles <= 1
+  controller.slice_ms = 0.0  # any predicted gain pays
+  ids = [synthetic.routing("zipf:1.5", devices=8, tokens=T, num_experts=8, top_k=2, seed=layer)
+         for layer in model.moe_layers]
+  state, events = _swap(model, controller, 1, state, ids)
+  assert events and migrate_lib.stats.compiles == compiled

@@ -9,7 +9,8 @@ import pytest
 
 from hiermoe_jax import cost, traffic
 from hiermoe_jax.mesh import MeshShape
-from hiermoe_jax.swap.search import (SearchConfig, migration_ms, predicted_time_ms, search,
+from hiermoe_jax.swap.search import (SearchConfig, migration_ms, placement_time_ms,
+                                     predicted_time_ms, search,
                                      smooth_max, stage_loads, swap_objectives, swapped_loads)
 
 PROFILE = cost.load_profile("paper_a6000")
@@ -220,3 +221,106 @@ def test_no_candidate_on_one_device_and_validation():
     search(ids, np.arange(4), (1, 2), config())
   with pytest.raises(ValueError, match="max_pairs"):
     config(max_pairs=-1)
+
+
+def co_selected_groups(tokens=32, seed=0):
+  """4x2 mesh, 16 experts, top-4: each token picks one group {g, g+4, g+8, g+12},
+  which the identity placement spreads over all 4 nodes (3 inter-node rows a token)."""
+  group = np.random.default_rng(seed).integers(0, 4, size=(8, tokens))
+  return np.stack([group + 4 * k for k in range(4)], axis=-1)
+
+
+def test_placement_time_is_the_objective_without_pair_deltas():
+  ids = random_ids((4, 2), 16, 3, 16, seed=21, skew=0.4)
+  placement = np.random.default_rng(22).permutation(16)
+  for compute_ms in (0.0, 1e-3):
+    cfg = config(compute_ms_per_pair=compute_ms, window_steps=2)
+    np.testing.assert_allclose(placement_time_ms(ids, placement, MeshShape(4, 2), cfg),
+                               swap_objectives(ids, placement, (4, 2), cfg)[0], rtol=1e-12)
+
+
+def test_group_plan_colocates_co_selected_experts():
+  """Co-locating each group on one node beats the best 2 pairs; the plan moves 12
+  experts (one of each group stays), priced 12 slices, and its time is the model's."""
+  shape, ids, ident = MeshShape(4, 2), co_selected_groups(), np.arange(16)
+  cfg = config(max_pairs=2, slice_ms=1e-3, steps_until_next_decision=50)
+  pairs = search(ids, ident, shape, cfg)
+  plan = search(ids, ident, shape, dataclasses.replace(cfg, group_plans=True))
+  assert pairs.kind == "pairs" and len(pairs.pairs) == 2
+  assert plan.kind == "colocate" and plan.pairs == () and plan.slices == 12
+  assert plan.net_ms(50) > pairs.net_ms(50) > 0
+  node_of = np.argsort(plan.placement) // 4
+  assert all(len(set(node_of[[g, g + 4, g + 8, g + 12]])) == 1 for g in range(4))
+  assert sorted(np.flatnonzero(plan.placement == ident) // 4) == [0, 1, 2, 3]
+  np.testing.assert_allclose(plan.time_after_ms, predicted_time_ms(ids, plan.placement, shape,
+                                                                   cfg), rtol=1e-12)
+  assert plan.migration_ms == pytest.approx(12e-3)
+  assert plan.bytes_to_move == 6 * cfg.bytes_per_swap
+  # A token now leaves its node once at most, only when its group lives elsewhere.
+  away = node_of[ids[..., 0]] != (np.arange(8) // 2)[:, None]
+  assert loop_loads(ids, plan.placement, (4, 2))[0].sum() == away.sum()
+  # Too dear to move 12 slices over the horizon, the pairs (fewer slices) win.
+  dear = dataclasses.replace(cfg, group_plans=True, slice_ms=plan.gain_ms * 50 / 12 * 1.01)
+  assert search(ids, ident, shape, dear).kind == "pairs"
+
+
+def test_pack_spreads_hot_experts():
+  """Experts 0-3 carry most tokens and sit on devices 0 and 1: packing the loads
+  over the devices cuts the compute peak; pairs (max 1) cannot match it."""
+  rng = np.random.default_rng(23)
+  hot = np.stack([rng.permutation(4)[:2] for _ in range(8 * 24)])
+  cold = np.stack([4 + rng.permutation(12)[:2] for _ in range(8 * 24)])
+  ids = np.concatenate([hot, cold], axis=1).reshape(8, 24, 4)
+  shape, ident = MeshShape(4, 2), np.arange(16)
+  cfg = config(max_pairs=1, migration=False, compute_ms_per_pair=1e-2, group_plans=True)
+  plan = search(ids, ident, shape, cfg)
+  assert plan.kind == "pack"
+  device_of = np.argsort(plan.placement) // 2
+  assert len(set(device_of[:4])) == 4  # the hot experts on four devices
+  assert plan.gain_ms > search(ids, ident, shape, dataclasses.replace(
+      cfg, group_plans=False)).gain_ms
+
+
+def test_grow_pairs_continues_while_pairs_pay():
+  shape, ids, ident = MeshShape(4, 2), co_selected_groups(), np.arange(16)
+  cfg = config(max_pairs=1, slice_ms=1e-3, steps_until_next_decision=50)
+  one = search(ids, ident, shape, cfg)
+  grown = search(ids, ident, shape, dataclasses.replace(cfg, grow_pairs=True))
+  assert len(one.pairs) == 1 and len(grown.pairs) > 1 and grown.pairs[0] == one.pairs[0]
+  assert grown.gain_ms > one.gain_ms and grown.migration_ms == pytest.approx(
+      2e-3 * len(grown.pairs))
+  # Every accepted pair paid for itself: replay and check each step's saving.
+  current, now = ident.copy(), grown.time_before_ms
+  for i, j in grown.pairs:
+    current = swapped(current, i, j)
+    after = predicted_time_ms(ids, current, shape, cfg)
+    assert (now - after) * 50 > 2e-3
+    now = after
+  # And it stops at the first pair that does not pay: the next best one loses money.
+  _, pairs_after = swap_objectives(ids, grown.placement, shape, cfg)
+  used = [s for pair in grown.pairs for s in pair]
+  device = np.arange(16) // 2
+  free = [(i, j) for i in range(16) for j in range(i + 1, 16)
+          if device[i] != device[j] and i not in used and j not in used]
+  best = min(pairs_after[i, j] for i, j in free) if free else now
+  assert (now - best) * 50 <= 2e-3
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (4, 1), (2, 4), (8, 1)])
+def test_group_plans_are_priced_permutations(shape):
+  """On any mesh shape: a permutation, `slices` = experts that change device, priced
+  per slice, the model's time; experts that stay on their device keep their slot."""
+  from hiermoe_jax.swap import groups
+  ids = random_ids(shape, 12, 3, 16, seed=31, skew=0.5)
+  placement = np.random.default_rng(32).permutation(16)
+  cfg = config(slice_ms=0.5)
+  for plan in groups.group_plans(ids, placement, MeshShape(*shape), cfg):
+    assert sorted(plan.placement) == list(range(16))
+    per_device = 16 // (shape[0] * shape[1])
+    old_device, new_device = (np.argsort(p) // per_device for p in (placement, plan.placement))
+    moved = old_device != new_device
+    assert plan.slices == moved.sum() and plan.migration_ms == pytest.approx(0.5 * moved.sum())
+    stay = ~moved[plan.placement]  # slots whose expert did not change device
+    np.testing.assert_array_equal(plan.placement[stay], placement[stay])
+    np.testing.assert_allclose(plan.time_after_ms, predicted_time_ms(ids, plan.placement, shape,
+                                                                     cfg), rtol=1e-12)

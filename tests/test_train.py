@@ -231,8 +231,9 @@ def test_expert_swaps_follow_the_same_trajectory(reference, tmp_path):
   for r in records:
     assert r["step"] % 2 == 0 or r["swaps"] == []
     for e in r["swaps"]:
-      assert set(e) == {"layer", "pairs", "predicted_gain_ms", "predicted_migration_ms",
-                        "priced_by", "migration_ms", "bytes_moved", "time_s"}
+      assert set(e) == {"layer", "kind", "slices", "pairs", "predicted_gain_ms",
+                        "predicted_migration_ms", "priced_by", "migration_ms", "bytes_moved",
+                        "time_s"}
       assert e["layer"] in (0, 1) and 1 <= len(e["pairs"]) <= 2 and e["bytes_moved"] > 0
       assert e["predicted_gain_ms"] > 0
   # Checkpoint 5 (after the swaps of steps 2 and 4) vs the reference's checkpoint 5.

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--window", type=positive_int, help="observed steps per decision "
                  "(default: swap interval)")
   p.add_argument("--max-pairs", type=positive_int, default=4, help="pairs per decision")
+  p.add_argument("--max-interval", type=positive_int, help="let the controller pick each "
+                 "next interval in [--swap-interval, this] (default: fixed interval)")
+  p.add_argument("--grow-pairs", action="store_true",
+                 help="more than --max-pairs while each further pair pays")
+  p.add_argument("--groups", action="store_true",
+                 help="also price whole re-placements (co-location, load packing)")
   p.add_argument("--profile", default="default", help="cost profile name or JSON path")
   p.add_argument("--no-migration-cost", action="store_true",
                  help="price migration at 0 (bounds the achievable gain)")
@@ -112,6 +118,9 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     p.error(f"--routing={args.routing!r} is invalid: bench_swap needs zipf:ALPHA with a "
             "finite ALPHA >= 0, e.g. zipf:1.2, or trace:PATH.npz[:LAYER]")
   cli.check_profile(args.profile)
+  if args.max_interval is not None and args.max_interval < args.swap_interval:
+    p.error(f"--max-interval={args.max_interval} is invalid: must be >= "
+            f"--swap-interval={args.swap_interval}")
   if args.mesh is not None:  # before JAX starts
     cli.check_experts_fit(args.experts, *args.mesh)
 
@@ -145,8 +154,10 @@ def run(args) -> dict | None:
 
   config = SearchConfig(profile=cost.load_profile(args.profile), d_model=args.hidden, d_ff=ffn,
                         steps_until_next_decision=args.swap_interval, max_pairs=args.max_pairs,
+                        grow_pairs=args.grow_pairs, group_plans=args.groups,
                         migration=not args.no_migration_cost)
-  controller = SwapController(config, mesh, args.swap_interval, window=args.window)
+  controller = SwapController(config, mesh, args.swap_interval, window=args.window,
+                              max_interval=args.max_interval)
   moe = hm.MoEConfig(d_model=args.hidden, d_ff=ffn, num_experts=args.experts, top_k=args.topk)
   params = hm.init_params(jax.random.key(args.seed), moe, mesh)
   tree = (params, optax.adam(1e-3).init(params))
@@ -162,7 +173,6 @@ def run(args) -> dict | None:
     events += [{"step": step, **e} for e in new]
     if new:
       visited.append(placements[0])
-  final = placements[0]
 
   x, _, w = timed_lib.routed_inputs(held_out, args.hidden, "float32", args.seed)
   x_g, w_g = timed_lib.global_array(mesh, x), timed_lib.global_array(mesh, w)
@@ -185,6 +195,8 @@ def run(args) -> dict | None:
     event["measured_gain_ms"] = median[n - 1] - median[n]  # on the held-out batch
   runs = controller.migrations
   report["migration"] = {"decisions": controller.decisions, "pairs": controller.swaps,
+                         "slices": int(sum(r["slices"] for r in runs)),
+                         "intervals": [list(i) for i in controller.intervals],
                          "bytes": int(sum(r["bytes"] for r in runs)),
                          "ms": float(sum(r["ms"] for r in runs)),
                          "compile_ms": 1e3 * migration_stats.compile_s,  # calibrate's too
@@ -196,7 +208,9 @@ def run(args) -> dict | None:
                       "hidden": args.hidden, "ffn": ffn, "routing": args.routing,
                       "affinity": args.affinity, "drift": args.drift, "steps": args.steps,
                       "swap_interval": args.swap_interval, "window": controller.window,
-                      "max_pairs": args.max_pairs, "profile": args.profile,
+                      "max_pairs": args.max_pairs, "max_interval": args.max_interval,
+                      "grow_pairs": args.grow_pairs, "groups": args.groups,
+                      "profile": args.profile,
                       "migration_priced": not args.no_migration_cost, "seed": args.seed,
                       "repeats": args.repeats}
   report["events"] = events
@@ -211,13 +225,16 @@ def table(report: dict) -> str:
                  f"{r['max_over_mean_rows']:>14.3f}  {r['hop_capacity']}")
   m = report["migration"]
   lines.append(f"speedup {report['speedup']:.3f}x | {m['decisions']} decisions, {m['pairs']} "
-               f"pairs, {m['bytes'] / 1e6:.2f} MB moved in {m['ms']:.1f} ms "
+               f"pairs, {m['slices']} slices, {m['bytes'] / 1e6:.2f} MB moved in {m['ms']:.1f} ms "
                f"(+ {m['compiles']} compiles, {m['compile_ms']:.0f} ms)")
   for e in report["events"]:
-    lines.append(f"  step {e['step']:>3}: {len(e['pairs'])} pairs, gain/step predicted "
+    lines.append(f"  step {e['step']:>3}: {e['kind']}, {e['slices']} slices, gain/step predicted "
                  f"{e['predicted_gain_ms']:.3f} ms, measured {e['measured_gain_ms']:.3f} ms; "
                  f"migration priced {e['predicted_migration_ms']:.1f} ms ({e['priced_by']}), "
                  f"took {e['migration_ms']:.1f} ms")
+  if m["intervals"]:
+    lines.append("intervals chosen (step, interval): " + ", ".join(
+        f"({s}, {i})" for s, i in m["intervals"]))
   return "\n".join(lines)
 
 

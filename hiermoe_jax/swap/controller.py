@@ -30,6 +30,19 @@ weights and optimizer state); until the first migration, the cost model prices i
 start of a run that also compiles the migration program then, not mid-training. In multi-process runs each measurement is the max over
 processes, so every process prices - and decides - the same.
 
+Adaptive interval (`max_interval`): plans are priced over max_interval steps (a
+placement stays until a later decision changes it) and, after each decision, the
+next comes after the taken plans' break-even steps (migration / saving per step;
+the soonest one), within [swap_interval, max_interval]; when nothing pays the
+interval doubles. With `SearchConfig.group_plans` a decision may re-place whole
+groups of experts (`groups.py`) instead of pairs, priced the same way. The
+chosen interval is host state, not checkpointed: a resumed run decides at its
+first step >= swap_interval.
+
+Scanned stacks (`stacks`): a placement key may hold an [L, E] placement over
+[L, E, ...] leaves; each row is searched on its own layer's window, and the
+stack migrates in place (one `migrate_many` move with the [L, E] tables).
+
 All or nothing: `maybe_swap` returns either the old tree and placements (no
 decision, or nothing pays) or the new tree with every new placement. Everything
 that can fail on the host (searches, leaf selection, checks, tracing, compiling)
@@ -79,19 +92,21 @@ def _key(entry) -> Any:
   return None
 
 
-def experts_under(prefix: tuple, num_experts: int) -> Callable:
+def experts_under(prefix: tuple, num_experts: int, layers: int | None = None) -> Callable:
   """Predicate for `migrate`: expert leaves whose path contains `prefix` (consecutive
-  keys, e.g. ("blocks", 1, "ffn")), then a key "experts", with leading dim E.
+  keys, e.g. ("blocks", 1, "ffn")), then a key "experts", with leading dim E (leading
+  dims [layers, E] for a scanned stack).
 
   Matches the parameters and every optimizer-state copy of them (optax states
   repeat the parameter paths under e.g. `.mu` / `.nu`). An empty prefix selects
   every expert leaf.
   """
   prefix = tuple(prefix)
+  lead = (num_experts,) if layers is None else (layers, num_experts)
 
   def select(path, leaf) -> bool:
     keys = [_key(entry) for entry in path]
-    if getattr(leaf, "ndim", 0) < 1 or leaf.shape[0] != num_experts:
+    if tuple(getattr(leaf, "shape", ())[:len(lead)]) != lead:
       return False
     for start in range(len(keys) - len(prefix) + 1):
       if tuple(keys[start:start + len(prefix)]) == prefix:
@@ -115,18 +130,26 @@ class SwapController:
   mesh: the mesh the experts are sharded over, along `expert_axes` (MoEConfig's).
   swap_interval: steps between decisions (> 0).
   window: observed steps kept per layer (default: swap_interval).
-  expert_path(layer) -> tuple of keys locating that layer's expert subtree in the
-    tree given to `maybe_swap` (default: () - every expert leaf, for a single
+  expert_path(key) -> tuple of keys locating the expert subtree of a placement key
+    in the tree given to `maybe_swap` (default: () - every expert leaf, for a single
     layer's params / optimizer state).
+  stacks: {key: [layer of each row]} for keys whose placement is [L, E] (a scanned
+    stack of layers, leaves [L, E, ...]): row r is searched on layer stacks[key][r]'s
+    window, and the stack moves in place, without copying rows out.
   ema: weight of the newest measurement in `slice_ms` (1: the last one only).
-  search_config.steps_until_next_decision is replaced by swap_interval (the horizon),
-  window_steps by the steps in the layer's window (gains are per step).
+  max_interval: None (decide every swap_interval steps) or an int > swap_interval:
+    the controller chooses its own interval in [swap_interval, max_interval]
+    (`next_interval`).
+  search_config.steps_until_next_decision is replaced by the horizon (swap_interval,
+  or max_interval when adaptive), window_steps by the steps in the layer's window
+  (gains are per step).
   """
 
   def __init__(self, search_config: SearchConfig, mesh: Mesh, swap_interval: int, *,
                window: int | None = None,
                expert_path: Callable[[Hashable], tuple] | None = None,
-               expert_axes=AXES, ema: float = 0.5):
+               expert_axes=AXES, ema: float = 0.5, max_interval: int | None = None,
+               stacks: Mapping[Hashable, tuple] | None = None):
     if isinstance(swap_interval, bool) or not isinstance(swap_interval, int) or swap_interval < 1:
       raise ValueError(f"swap_interval={swap_interval!r} is invalid: must be an int >= 1")
     window = swap_interval if window is None else window
@@ -134,19 +157,29 @@ class SwapController:
       raise ValueError(f"window={window!r} is invalid: must be an int >= 1 (observed steps)")
     if not (isinstance(ema, (int, float)) and 0 < ema <= 1):
       raise ValueError(f"ema={ema!r} is invalid: must be a number in (0, 1]")
+    if max_interval is not None and (isinstance(max_interval, bool) or not isinstance(
+        max_interval, int) or max_interval < swap_interval):
+      raise ValueError(f"max_interval={max_interval!r} is invalid: must be None or an int "
+                       f">= swap_interval={swap_interval}")
+    self.max_interval = max_interval or swap_interval
+    self.adaptive = self.max_interval > swap_interval
     self.config = dataclasses.replace(search_config,
-                                      steps_until_next_decision=swap_interval)
+                                      steps_until_next_decision=self.max_interval)
     self.ema = float(ema)
     self.mesh = mesh
     self.shape = MeshShape.of(mesh, expert_axes)
     self.swap_interval = swap_interval
     self.window = window
     self.expert_path = expert_path or (lambda layer: ())
+    self.stacks = {key: tuple(layers) for key, layers in (stacks or {}).items()}
     self._windows: dict[Hashable, collections.deque] = {}
     self.decisions = 0  # searches run
     self.swaps = 0  # pairs applied
     self.slice_ms: float | None = search_config.slice_ms  # measured price (None: model)
     self.migrations = []  # per migration run: {"step", "slices", "bytes", "ms", "compile_ms"}
+    self.interval = swap_interval  # steps until the next decision (adaptive: chosen)
+    self.next_decision = swap_interval
+    self.intervals = []  # adaptive: (decision step, interval chosen) per decision
 
   def observe(self, layer: Hashable, topk_ids) -> None:
     """Adds one step's routing of `layer`: logical ids [N*G*T, K] or [N*G, T, K].
@@ -185,7 +218,30 @@ class SwapController:
 
   def due(self, step: int) -> bool:
     """Whether `maybe_swap(step, ...)` decides (step = optimizer steps done)."""
+    if self.adaptive:
+      return step > 0 and step >= self.next_decision
     return step > 0 and step % self.swap_interval == 0
+
+  def next_interval(self, taken: list[SwapPlan]) -> int:
+    """Steps until the next decision after one that took `taken` (adaptive mode).
+
+    A plan is taken when its saving over max_interval steps covers its migration;
+    the next decision comes once the soonest-paying plan has paid for itself (its
+    break-even steps), so cheap, large gains are revisited often. When nothing
+    pays, the interval doubles. Bounded by [swap_interval, max_interval].
+    """
+    if taken:
+      steps = min(plan.break_even_steps for plan in taken)
+      interval = int(np.ceil(steps)) if np.isfinite(steps) else self.max_interval
+    else:
+      interval = 2 * self.interval
+    return int(min(max(interval, self.swap_interval), self.max_interval))
+
+  def _decided(self, step: int, taken: list[SwapPlan]) -> None:
+    if self.adaptive:
+      self.interval = self.next_interval(taken)
+      self.next_decision = step + self.interval
+      self.intervals.append((step, self.interval))
 
   def plan(self, layer: Hashable, placement) -> SwapPlan | None:
     """One search on the layer's window (None if nothing was observed)."""
@@ -211,23 +267,22 @@ class SwapController:
     """A timed probe: in every layer swap the first slot with the last (on the last
     node), compile, then time the swap back, and price decisions at its ms per
     slice. Returns the tree, same values and placements (leaves are donated)."""
-    placements = {layer: np.asarray(p).astype(np.int32) for layer, p in placements.items()}
+    placements = {key: np.asarray(p).astype(np.int32) for key, p in placements.items()}
     swapped = {}
-    for layer, placement in placements.items():
-      swapped[layer] = placement.copy()
-      swapped[layer][[0, -1]] = placement[[-1, 0]]
-    plans = {layer: _probe_plan(p) for layer, p in swapped.items()}
-    moves = self._moves(tree, placements, plans)
+    for key, placement in placements.items():
+      swapped[key] = placement.copy()
+      swapped[key][..., [0, -1]] = placement[..., [-1, 0]]
+    moves = self._moves(tree, placements, swapped)
     tree = migrate_many(tree, moves, self.mesh, expert_axes=self.shape.axes)
     jax.block_until_ready(tree)
-    back = {layer: _probe_plan(p) for layer, p in placements.items()}
     _barrier()
     compile_s, t0 = migration_stats.compile_s, time.perf_counter()
-    tree = migrate_many(tree, self._moves(tree, swapped, back), self.mesh,
+    tree = migrate_many(tree, self._moves(tree, swapped, placements), self.mesh,
                         expert_axes=self.shape.axes)
     jax.block_until_ready(tree)
     compile_s = migration_stats.compile_s - compile_s
-    self.record_migration(1e3 * (time.perf_counter() - t0 - compile_s), 2 * len(moves))
+    slices = sum(2 * (old.shape[0] if old.ndim == 2 else 1) for old, _, _ in moves)
+    self.record_migration(1e3 * (time.perf_counter() - t0 - compile_s), slices)
     return tree
 
   def maybe_swap(self, step: int, tree, placements: Mapping[Hashable, Any]):
@@ -235,27 +290,33 @@ class SwapController:
 
     tree: the pytree holding the expert leaves and their optimizer state, e.g.
       (params, opt_state); moved leaves are donated.
-    placements: {layer: [E] slot -> logical expert} (host or device values).
-    Returns (tree, placements as {layer: int32 numpy}, events), one event per
-    layer whose placement changed: {"layer", "pairs", "predicted_gain_ms" (per
+    placements: {key: [E] slot -> logical expert, or [L, E] for a key of `stacks`}
+      (host or device values).
+    Returns (tree, placements as {key: int32 numpy}, events), one event per
+    layer whose placement changed: {"layer", "kind" ("pairs" or a group plan's:
+    "colocate", "pack"), "slices" (experts that changed device), "pairs" (slot
+    pairs; empty for a group plan), "predicted_gain_ms" (per
     step), "predicted_migration_ms" (as priced), "priced_by" ("model" or
     "measured"), "migration_ms" (measured, its share by bytes), "bytes_moved",
     "time_s" (its search plus its share of the migration and any compilation)}.
     Each migration run is also appended to `migrations`. All or nothing (module
     docstring); raises SwapError if the migration fails.
     """
-    placements = {layer: np.asarray(p).astype(np.int32) for layer, p in placements.items()}
+    placements = {key: np.asarray(p).astype(np.int32) for key, p in placements.items()}
     if not self.due(step):
       return tree, placements, []
     changes = []  # (layer, plan, search seconds)
-    for layer, placement in placements.items():
-      t0 = time.perf_counter()
-      plan = self.plan(layer, placement)
-      if plan is not None and plan.changed:
-        changes.append((layer, plan, time.perf_counter() - t0))
+    for key, placement in placements.items():
+      for layer, row in self._rows(key, placement):
+        t0 = time.perf_counter()
+        plan = self.plan(layer, row)
+        if plan is not None and plan.changed:
+          changes.append((layer, plan, time.perf_counter() - t0))
+    self._decided(step, [plan for _, plan, _ in changes])
     if not changes:
       return tree, placements, []
-    moves = self._moves(tree, placements, {layer: plan for layer, plan, _ in changes})
+    new_placements = self._applied(placements, {layer: plan for layer, plan, _ in changes})
+    moves = self._moves(tree, placements, new_placements)
     _barrier()  # peers may still be searching: time the migration only
     compile_s = migration_stats.compile_s
     t0 = time.perf_counter()
@@ -265,7 +326,7 @@ class SwapController:
     except Exception as e:
       raise _swap_error(step, tree, e) from e
     compile_s = migration_stats.compile_s - compile_s
-    slices = sum(2 * len(plan.pairs) for _, plan, _ in changes)
+    slices = sum(plan.slices for _, plan, _ in changes)
     priced = self.slice_ms
     migrate_ms = self.record_migration(
         max(1e3 * (time.perf_counter() - t0 - compile_s), 0.0), slices)
@@ -274,37 +335,50 @@ class SwapController:
                             "ms": migrate_ms, "compile_ms": 1e3 * compile_s})
     events = []
     for layer, plan, search_s in changes:
-      placements[layer] = plan.placement.astype(np.int32)
       self.swaps += len(plan.pairs)
       share = plan.bytes_to_move / total_bytes
-      events.append({"layer": _jsonable(layer), "pairs": [list(map(int, p)) for p in plan.pairs],
+      events.append({"layer": _jsonable(layer), "kind": plan.kind, "slices": plan.slices,
+                     "pairs": [list(map(int, p)) for p in plan.pairs],
                      "predicted_gain_ms": float(plan.gain_ms),
                      "predicted_migration_ms": float(plan.migration_ms),
                      "priced_by": "model" if priced is None else "measured",
                      "migration_ms": migrate_ms * share,
                      "bytes_moved": int(plan.bytes_to_move),
                      "time_s": search_s + 1e-3 * migrate_ms * share + compile_s * share})
-    return new_tree, placements, events
+    return new_tree, new_placements, events
 
-  def _moves(self, tree, placements, plans: Mapping[Hashable, SwapPlan]) -> list:
-    """`migrate_many` moves: every layer with expert leaves in `tree` (identity unless
-    planned), so the migration program is the same at every decision."""
+  def _rows(self, key: Hashable, placement: np.ndarray) -> list[tuple[Hashable, np.ndarray]]:
+    """(layer, [E] placement) searched for a placement key: itself, or a stack's rows."""
+    if placement.ndim == 1:
+      return [(key, placement)]
+    layers = self.stacks.get(key)
+    if layers is None or len(layers) != placement.shape[0]:
+      raise ValueError(f"placement {key!r} has shape {placement.shape}; an [L, E] placement "
+                       f"needs stacks[{key!r}] to name its L layers (got {layers!r})")
+    return list(zip(layers, placement))
+
+  def _applied(self, placements, plans: Mapping[Hashable, SwapPlan]) -> dict:
+    """The placements with the planned layers' (or stack rows') new placements."""
+    return {key: np.stack([plans[layer].placement.astype(np.int32) if layer in plans else row
+                           for layer, row in self._rows(key, placement)]).reshape(placement.shape)
+            for key, placement in placements.items()}
+
+  def _moves(self, tree, placements, new_placements) -> list:
+    """`migrate_many` moves: every key with expert leaves in `tree` (identity unless
+    changed), so the migration program is the same at every decision."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     moves = []
-    for layer, placement in placements.items():
-      select = experts_under(self.expert_path(layer), placement.shape[0])
+    for key, placement in placements.items():
+      layers = placement.shape[0] if placement.ndim == 2 else None
+      select = experts_under(self.expert_path(key), placement.shape[-1], layers)
+      new = new_placements[key]
       if not any(select(path, leaf) for path, leaf in flat):
-        if layer in plans:
-          raise ValueError(f"layer {layer!r}: no expert leaf under path "
-                           f"{self.expert_path(layer)!r} in the tree; check expert_path")
+        if not np.array_equal(new, placement):
+          raise ValueError(f"layer {key!r}: no expert leaf under path "
+                           f"{self.expert_path(key)!r} in the tree; check expert_path")
         continue
-      new = plans[layer].placement if layer in plans else placement
       moves.append((placement, new, select))
     return moves
-
-
-def _probe_plan(placement: np.ndarray) -> SwapPlan:
-  return SwapPlan(placement, ((0, placement.shape[0] - 1),), 0.0, 0.0, 0.0, 0)
 
 
 def _barrier() -> None:

@@ -41,7 +41,7 @@ import dataclasses
 import numpy as np
 
 from hiermoe_jax import cost as cost_lib
-from hiermoe_jax.errors import check_int, check_real, fail
+from hiermoe_jax.errors import check_bool, check_int, check_real, fail
 from hiermoe_jax.mesh import MeshShape
 from hiermoe_jax.validate import check_experts_fit, check_placement
 
@@ -60,6 +60,11 @@ class SearchConfig:
   optimizer_slots: optimizer-state copies per weight that move with it (Adam: 2).
   steps_until_next_decision: steps over which a swap's per-step saving is earned.
   max_pairs: disjoint pairs accepted per decision (the paper uses 1).
+  grow_pairs: continue past max_pairs while the next pair still pays (its saving
+    x steps_until_next_decision exceeds its migration price), up to E/2 pairs.
+  group_plans: also price whole re-placements (`groups.py`: co-location of
+    co-selected experts per node, load packing over devices) and take the plan
+    with the largest saving x horizon - migration among the pair search and them.
   compute_ms_per_pair: weight of the compute-imbalance term, ms per (token,
     expert) pair on the most loaded device; 0 disables it (the paper's objective).
   smooth_g: exponent of the smooth max.
@@ -79,6 +84,8 @@ class SearchConfig:
   optimizer_slots: int = 2
   steps_until_next_decision: int = 100
   max_pairs: int = 1
+  grow_pairs: bool = False
+  group_plans: bool = False
   compute_ms_per_pair: float = 0.0
   smooth_g: float = 10.0
   migration: bool = True
@@ -98,6 +105,8 @@ class SearchConfig:
       check_real(f"SearchConfig.{name}", getattr(self, name), low)
     if self.slice_ms is not None:
       check_real("SearchConfig.slice_ms", self.slice_ms, 0.0)
+    for name in ("grow_pairs", "group_plans", "migration"):
+      check_bool(f"SearchConfig.{name}", getattr(self, name))
 
   @property
   def bytes_per_swap(self) -> int:
@@ -108,14 +117,20 @@ class SearchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SwapPlan:
-  """The result of one decision. `pairs` are physical slot pairs (i < j), in the
-  order accepted; `placement` is the new slot -> logical expert map."""
+  """The result of one decision. `placement` is the new slot -> logical expert map.
+
+  kind: "pairs" (`pairs` are physical slot pairs (i < j), in the order accepted),
+    or a group plan of `groups.py` ("colocate", "pack"; `pairs` empty).
+  slices: expert slices that change device (2 per pair).
+  """
   placement: np.ndarray
   pairs: tuple[tuple[int, int], ...]
   time_before_ms: float
   time_after_ms: float
   migration_ms: float
   bytes_to_move: int
+  kind: str = "pairs"
+  moved: int | None = None  # slices, for group plans
 
   @property
   def gain_ms(self) -> float:
@@ -123,8 +138,21 @@ class SwapPlan:
     return self.time_before_ms - self.time_after_ms
 
   @property
+  def slices(self) -> int:
+    return 2 * len(self.pairs) if self.moved is None else self.moved
+
+  @property
   def changed(self) -> bool:
-    return bool(self.pairs)
+    return self.slices > 0
+
+  def net_ms(self, horizon: int) -> float:
+    """Saving over `horizon` steps minus the migration."""
+    return self.gain_ms * horizon - self.migration_ms if self.changed else 0.0
+
+  @property
+  def break_even_steps(self) -> float:
+    """Steps after which the saving has paid for the migration (inf: never)."""
+    return self.migration_ms / self.gain_ms if self.gain_ms > 0 else float("inf")
 
 
 # --- statistics --------------------------------------------------------------
@@ -150,16 +178,20 @@ def _hits(topk_ids, placement, shape: MeshShape) -> np.ndarray:
   return hits
 
 
+def _unit_counts(hits_YTE, unit_E, num_units):
+  """[Y, T, U] hits of each token per unit."""
+  onehot_EU = np.zeros((unit_E.shape[0], num_units), np.float32)
+  onehot_EU[np.arange(unit_E.shape[0]), unit_E] = 1.0
+  return hits_YTE @ onehot_EU
+
+
 def _tier(hits_YTE, unit_E, num_units, valid_YU) -> _Tier:
   """Loads and per-pair deltas of one tier (units: nodes or devices).
 
   hits_YTE: float32 0/1 hits of the tokens grouped by load row y (exact sums
   while a group has < 2^24 tokens).
   """
-  num_experts = unit_E.shape[0]
-  onehot_EU = np.zeros((num_experts, num_units), np.float32)
-  onehot_EU[np.arange(num_experts), unit_E] = 1.0
-  count_YTU = hits_YTE @ onehot_EU
+  count_YTU = _unit_counts(hits_YTE, unit_E, num_units)
   zero_YTE = (count_YTU == 0)[..., unit_E].astype(np.float32)  # the token misses unit(e)
   only_YTE = hits_YTE * (count_YTU == 1)[..., unit_E]  # e is its only hit on unit(e)
   loads = np.sum(count_YTU > 0, axis=1).astype(np.float64)
@@ -173,7 +205,8 @@ def _tier(hits_YTE, unit_E, num_units, valid_YU) -> _Tier:
   return _Tier(np.where(valid_YU, loads, 0.0), valid_YU, delta, unit_E)
 
 
-def _tiers(hits_TE, shape: MeshShape, tokens: int):
+def _tier_inputs(hits_TE, shape: MeshShape, tokens: int):
+  """(kind, hits grouped by load row, unit per slot, units, valid rows) per stage."""
   num_experts = hits_TE.shape[1]
   slot_device = np.arange(num_experts) // (num_experts // shape.devices)
   source_node = np.arange(shape.devices) // shape.local
@@ -182,11 +215,14 @@ def _tiers(hits_TE, shape: MeshShape, tokens: int):
   by_source = hits.reshape(shape.devices, tokens, num_experts)
   by_local = np.swapaxes(hits.reshape(shape.nodes, shape.local, tokens, num_experts), 0, 1)
   by_local = by_local.reshape(shape.local, shape.nodes * tokens, num_experts)
-  inter = _tier(by_source, slot_device // shape.local, shape.nodes,
-                source_node[:, None] != np.arange(shape.nodes)[None, :])
-  intra = _tier(by_local, slot_device, shape.devices,
-                np.arange(shape.local)[:, None] != (np.arange(shape.devices) % shape.local)[None])
-  return inter, intra
+  return (("inter", by_source, slot_device // shape.local, shape.nodes,
+           source_node[:, None] != np.arange(shape.nodes)[None, :]),
+          ("intra", by_local, slot_device, shape.devices,
+           np.arange(shape.local)[:, None] != (np.arange(shape.devices) % shape.local)[None]))
+
+
+def _tiers(hits_TE, shape: MeshShape, tokens: int):
+  return tuple(_tier(*args) for _, *args in _tier_inputs(hits_TE, shape, tokens))
 
 
 def _power_sums(tier: _Tier, g: float, scale: float):
@@ -216,6 +252,25 @@ def _stage_time(kind: str, smax, config: SearchConfig, shape: MeshShape):
                                 config.bytes_per_elem)
 
 
+def _compute_per_device(hits_TE, shape: MeshShape) -> np.ndarray:
+  """(token, expert) pairs per device."""
+  return hits_TE.sum(0, dtype=np.float64).reshape(shape.devices, -1).sum(1)
+
+
+def _time_ms(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig) -> float:
+  """The objective of the placement `hits_TE` was built with (ms per step), from
+  the loads alone (no pair deltas): equals `_objectives(...)[0]`."""
+  total = 0.0
+  for kind, hits, unit_E, units, valid in _tier_inputs(hits_TE, shape, tokens):
+    loads = np.sum(_unit_counts(hits, unit_E, units) > 0, axis=1).astype(np.float64)
+    total += _stage_time(kind, smooth_max(np.where(valid, loads, 0.0), config.smooth_g),
+                         config, shape)
+  if config.compute_ms_per_pair:
+    total += config.compute_ms_per_pair * smooth_max(_compute_per_device(hits_TE, shape),
+                                                     config.smooth_g)
+  return float(total) / config.window_steps
+
+
 def _objectives(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig):
   """(time now, time after swapping slots r and c [E, E]) in ms per step."""
   g = config.smooth_g
@@ -229,7 +284,7 @@ def _objectives(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig):
     num_experts = hits_TE.shape[1]
     per_device = num_experts // shape.devices
     n_E = hits_TE.sum(0, dtype=np.float64)
-    w_U = n_E.reshape(shape.devices, per_device).sum(1)
+    w_U = _compute_per_device(hits_TE, shape)
     unit_E = np.arange(num_experts) // per_device
     diff = n_E[None, :] - n_E[:, None]  # [r, c]: unit(r) gains n_c - n_r
     scale = max(float(w_U.max()), 1.0)
@@ -302,8 +357,16 @@ def migration_ms(i: int, j: int, num_experts: int, mesh_shape, config: SearchCon
   return config.profile.stage(kind).time_ms(config.bytes_per_swap)
 
 
+def slice_price_ms(source: int, dest: int, num_experts: int, mesh_shape,
+             config: SearchConfig) -> float:
+  """Price of moving one expert slice from slot `source`'s device to slot `dest`'s:
+  measured (`config.slice_ms`) or half a modelled pair swap over the same link."""
+  return 0.5 * migration_ms(source, dest, num_experts, mesh_shape, config)
+
+
 def search(topk_ids, placement, mesh_shape, config: SearchConfig) -> SwapPlan:
-  """Chooses up to `config.max_pairs` disjoint slot swaps, greedily.
+  """Chooses up to `config.max_pairs` disjoint slot swaps, greedily (and, with
+  `config.group_plans`, the best of that and whole re-placements).
 
   topk_ids: int [N*G, T, K] logical expert ids, one row of tokens per source
     device in mesh order (concatenate several steps along T for a longer window).
@@ -311,12 +374,29 @@ def search(topk_ids, placement, mesh_shape, config: SearchConfig) -> SwapPlan:
   Each round evaluates every pair of slots on different devices not yet used,
   takes the lowest time (ties: lowest (i, j) in row-major order), and accepts it
   only if its saving times `steps_until_next_decision` exceeds its migration
-  time; the next round starts from the placement with the accepted swaps.
+  time; the next round starts from the placement with the accepted swaps
+  (`grow_pairs`: rounds continue past max_pairs while a pair pays).
   Deterministic: the same statistics give the same plan on every host.
   """
   shape = _shape(mesh_shape)
   ids = np.asarray(topk_ids)
   placement = _placement(placement, ids, shape)
+  plan = _pair_search(ids, placement, shape, config)
+  if not config.group_plans:
+    return plan
+  from hiermoe_jax.swap import groups  # groups imports this module
+  horizon = config.steps_until_next_decision
+  candidates = [plan] + [p for p in groups.group_plans(ids, placement, shape, config)
+                         if _pays(p.gain_ms, p.time_before_ms, p.migration_ms, config)]
+  # Largest net saving; ties keep the earlier candidate (pairs first).
+  return max(candidates, key=lambda p: round(p.net_ms(horizon), 9))
+
+
+def _pays(gain: float, now: float, cost_ms: float, config: SearchConfig) -> bool:
+  return gain > 1e-9 * max(now, 1e-30) and gain * config.steps_until_next_decision > cost_ms
+
+
+def _pair_search(ids, placement, shape: MeshShape, config: SearchConfig) -> SwapPlan:
   num_experts = placement.shape[0]
   per_device = num_experts // shape.devices
   device_E = np.arange(num_experts) // per_device
@@ -326,7 +406,8 @@ def search(topk_ids, placement, mesh_shape, config: SearchConfig) -> SwapPlan:
   hits = _hits(ids, current, shape)
   before, after = _objectives(hits, shape, ids.shape[1], config)
   now, pairs, migration = before, [], 0.0
-  for round_ in range(config.max_pairs):
+  rounds = num_experts // 2 if config.grow_pairs else config.max_pairs
+  for round_ in range(rounds):
     if round_:  # statistics of the placement with the swaps accepted so far
       now, after = _objectives(_hits(ids, current, shape), shape, ids.shape[1], config)
     # Round to 12 significant digits so float noise cannot split exact ties.
@@ -337,7 +418,7 @@ def search(topk_ids, placement, mesh_shape, config: SearchConfig) -> SwapPlan:
     i, j = divmod(flat, num_experts)
     gain = now - float(after[i, j])
     cost_ms = migration_ms(i, j, num_experts, shape, config)
-    if gain <= 1e-9 * max(now, 1e-30) or gain * config.steps_until_next_decision <= cost_ms:
+    if not _pays(gain, now, cost_ms, config):
       break
     current[[i, j]] = current[[j, i]]
     pairs.append((i, j))
@@ -348,6 +429,12 @@ def search(topk_ids, placement, mesh_shape, config: SearchConfig) -> SwapPlan:
   return SwapPlan(placement=current, pairs=tuple(pairs), time_before_ms=float(before),
                   time_after_ms=float(now), migration_ms=float(migration),
                   bytes_to_move=len(pairs) * config.bytes_per_swap)
+
+
+def placement_time_ms(ids: np.ndarray, placement: np.ndarray, shape: MeshShape,
+                      config: SearchConfig) -> float:
+  """The objective of a checked placement (ms per step), loads only."""
+  return _time_ms(_hits(ids, placement, shape), shape, ids.shape[1], config)
 
 
 def _shape(mesh_shape) -> MeshShape:
