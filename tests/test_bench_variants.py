@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hiermoe_jax import traces
 from hiermoe_jax.bench import comm, synthetic, timed, variants
 from hiermoe_jax.config import ConfigError
 from hiermoe_jax.mesh import MeshShape
@@ -204,11 +205,31 @@ def _readme_commands() -> list[list[str]]:
   return commands
 
 
+def _write_stand_in_traces(argv: list[str]) -> None:
+  """A command replaying `--routing trace:PATH[:LAYER]` gets a small uniform trace at
+  PATH (relative to the working directory), shaped by its --experts, --topk, --tokens
+  and mesh, so that the command's arguments can be checked."""
+  flags = {flag: value for flag, value in zip(argv, argv[1:] + [""])
+           if flag.startswith("--") and not value.startswith("--")}
+  routing = flags.get("--routing", "")
+  if not routing.startswith("trace:"):
+    return
+  path, *layer = routing[len("trace:"):].split(":")
+  experts, top_k = int(flags["--experts"]), int(flags["--topk"])
+  nodes, local = map(int, flags.get("--mesh", "2x4").split("x"))
+  tokens = nodes * local * int(flags["--tokens"])
+  rng = np.random.default_rng(0)
+  ids = np.argsort(rng.random((1, tokens, experts)), axis=-1)[..., :top_k]
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  traces.save(path, {int(layer[0]) if layer else 1: ids}, num_experts=experts)
+
+
 def test_readme_bench_comm_commands_parse(tmp_path, monkeypatch):
   commands = _readme_commands()
   assert len(commands) >= 3 and any(":comm_dtype=" in " ".join(c) for c in commands)
   monkeypatch.chdir(tmp_path)
   for argv in commands:
+    _write_stand_in_traces(argv)
     parser = comm.build_parser()
     args = parser.parse_args(argv)
     comm.check_args(parser, args)
