@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Callable, Sequence
 
@@ -51,6 +52,12 @@ def _slowest_process(samples_NR: np.ndarray) -> np.ndarray:
     return samples_NR
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(samples_NR)).max(axis=0)
+
+
+def slowest_process_ms(ms: float) -> float:
+  """A host wall time made the same on every process (its max), so that a decision
+  built on it (e.g. `AutoTuner`'s spacing of checks) agrees everywhere."""
+  return float(_slowest_process(np.array([[ms]], np.float64))[0, 0])
 
 
 def measure(steps: dict[str, Callable[[], object]], *, repeats: int = 5,
@@ -169,6 +176,11 @@ class AutoTuner:
     row; a pending challenger makes the next step a check.
   drift_threshold: re-measure when a layer's expert loads move this far (total
     variation distance, `drift`) from those at the last check.
+  budget: the share of the time that checks may take. After a check that took
+    `calibration_ms`, neither a re-check nor drift triggers one until
+    calibration_ms / (budget * the chosen strategies' summed ms) steps have passed -
+    the MoE layers' time stands in for the step's (a lower bound of it, and the same
+    number on every process, unlike a wall clock).
   """
   layers: int
   candidates: tuple[str, ...]
@@ -177,8 +189,10 @@ class AutoTuner:
   margin: float = 0.1
   confirm: int = 2
   drift_threshold: float = 0.2
+  budget: float = 0.05
   choices: tuple[str, ...] | None = None
   checked_at: int = 0
+  min_gap: int = 0  # steps before the next re-check or drift check (from `budget`)
   _pending: dict = dataclasses.field(default_factory=dict)  # unit -> (challenger, wins)
   _loads: list | None = None  # expert counts per layer at the last check
   _requested: str | None = None
@@ -189,6 +203,7 @@ class AutoTuner:
     check_int("confirm", self.confirm)
     check_real("margin", self.margin, 0)
     check_real("drift_threshold", self.drift_threshold, 0, strict=True)
+    check_real("budget", self.budget, 0, strict=True)
     if not self.candidates:
       raise ValueError("AutoTuner: candidates is empty")
     self.candidates = tuple(self.candidates)
@@ -201,6 +216,8 @@ class AutoTuner:
       return self._requested
     if self._pending:
       return "confirm"
+    if step - self.checked_at < self.min_gap:  # checks keep within their budget
+      return None
     if self.recheck_steps and step - self.checked_at >= self.recheck_steps:
       return "recheck"
     if counts is not None and self._loads is not None and any(
@@ -222,6 +239,9 @@ class AutoTuner:
     self.choices = tuple(chosen * self.layers if self.shared else chosen)
     self.checked_at = step
     self._requested = None
+    if calibration_ms is not None:
+      moe_ms = sum(t[c] for t, c in zip(times, self.choices))
+      self.min_gap = math.ceil(calibration_ms / (self.budget * moe_ms)) if moe_ms > 0 else 0
     if counts is not None:
       self._loads = [np.asarray(c) for c in counts]
     return {"step": step, "reason": reason,
@@ -231,7 +251,7 @@ class AutoTuner:
             "changed": [i for i in range(self.layers)
                         if before is not None and before[i] != self.choices[i]],
             "pending": {str(u): c for u, (c, _) in self._pending.items()},
-            "shared": self.shared}
+            "shared": self.shared, "next_check_after_steps": self.min_gap}
 
   def request(self, reason: str) -> None:
     """Makes the next `due` a check, e.g. once the run has routing of its own, or

@@ -164,6 +164,7 @@ class TrainConfig:
   auto_recheck_steps: int = 100  # re-measure every N steps (0 = only on drift)
   auto_margin: float = 0.1  # a strategy must be this much faster, twice in a row, to switch
   auto_drift: float = 0.2  # re-measure when a layer's expert loads move this far (TV distance)
+  auto_budget: float = 0.05  # share of the MoE layers' time re-checks may take (spaces them)
   # Record the last routing_trace_steps steps' top-k ids of every MoE layer to this .npz
   # (models/routing_trace.py; host memory: steps x MoE layers x batch_size*seq_len x top_k
   # bytes for up to 256 experts). None = off.
@@ -199,6 +200,7 @@ class TrainConfig:
     check_int("train.auto_recheck_steps", self.auto_recheck_steps, low=0)
     _check_interval("train.auto_margin", self.auto_margin, "in [0, 1)", lambda v: 0 <= v < 1)
     _check_interval("train.auto_drift", self.auto_drift, "in (0, 1]", lambda v: 0 < v <= 1)
+    _check_interval("train.auto_budget", self.auto_budget, "in (0, 1]", lambda v: 0 < v <= 1)
     if not isinstance(self.swap_profile, str) or not self.swap_profile:
       fail("train.swap_profile", self.swap_profile,
            "must be a shipped profile name (e.g. 'default') or a path to a profile JSON")

@@ -309,7 +309,7 @@ class AutoDispatch:
     self.tuner = calibrate.AutoTuner(
         len(model.moe_layers), calibrate.candidates(model.cfg.moe, model.mesh),
         shared=model.cfg.model.scan_layers, recheck_steps=tc.auto_recheck_steps,
-        margin=tc.auto_margin, drift_threshold=tc.auto_drift)
+        margin=tc.auto_margin, drift_threshold=tc.auto_drift, budget=tc.auto_budget)
     self._programs = {}  # choices -> (Model with those strategies, compiled train step)
 
   @property
@@ -342,7 +342,8 @@ class AutoDispatch:
     t0 = time.perf_counter()
     times = self._measure(state, topk_ids)
     record = self.tuner.decide(step, times, reason=reason, counts=counts,
-                               calibration_ms=(time.perf_counter() - t0) * 1e3)
+                               calibration_ms=calibrate.slowest_process_ms(
+                                   (time.perf_counter() - t0) * 1e3))
     if not topk_ids:
       self.tuner.request("routing")
     return record

@@ -121,8 +121,23 @@ def test_checks_are_due_at_start_on_request_on_cadence_and_on_drift():
   assert tuner.due(3, skewed) == "drift"
 
 
+def test_checks_keep_within_their_time_budget():
+  """A check that took 600 ms, with 3 ms of MoE per step on a 5% budget, spaces the next
+  re-check or drift check 600 / (0.05 * 3) = 4000 steps; a request still runs at once."""
+  tuner = AutoTuner(layers=2, candidates=CANDIDATES, recheck_steps=10, budget=0.05)
+  balanced, skewed = [np.full(16, 8)] * 2, [np.r_[np.full(4, 28), np.zeros(12)]] * 2
+  record = tuner.decide(0, [times(1.0, 2.0), times(2.0, 3.0)], counts=balanced,
+                        calibration_ms=600.0)
+  assert tuner.min_gap == record["next_check_after_steps"] == 4000
+  assert tuner.due(3999, skewed) is None
+  assert tuner.due(4000, skewed) == "recheck"
+  tuner.request("swap")
+  assert tuner.due(1, balanced) == "swap"
+
+
 @pytest.mark.parametrize("field, value", [("margin", -0.1), ("confirm", 0),
-                                          ("recheck_steps", -1), ("drift_threshold", 0)])
+                                          ("recheck_steps", -1), ("drift_threshold", 0),
+                                          ("budget", 0)])
 def test_bad_tuner_settings_name_the_field(field, value):
   with pytest.raises(ConfigError, match=f"{field}={value!r} is invalid"):
     AutoTuner(layers=1, candidates=CANDIDATES, **{field: value})
@@ -169,7 +184,8 @@ def _decisions(records):
 def test_trainer_recompiles_only_when_its_choice_changes(monkeypatch, tmp_path, cache_dir):
   """Checked every step (auto_recheck_steps=1): noise keeps one program; a clear win on
   two checks in a row switches, one more compile; then noise again."""
-  noise, win = [times(1.0, 1.05)], [times(1.0, 0.5)]
+  # Scripted times of seconds: the checks' own few ms keep them within their budget.
+  noise, win = [times(1000.0, 1050.0)], [times(1000.0, 500.0)]
   # start (before step 1, uniform routing), then after each step 1..5 (not after the last)
   _scripted(monkeypatch, [noise, noise, noise, win, win, noise])
   result = run(_tiny_auto(6), tmp_path, verbose=False)
