@@ -113,8 +113,10 @@ def make_plan(cfg, gpu: str, nodes: int, local: int) -> dict:
   Keys: gpu, gpu_name, mesh {nodes, local, devices}, batch {batch_size, seq_len},
   memory (gpu_aot.memory: argument/output/alias/temp/total/device _bytes, per device),
   fits (total <= device), compile_s (lower + compile), compiler_log (XLA's warnings),
-  collective_groups (group_collectives) and collectives (gpu_aot.collectives, each with
-  operand_shapes).
+  collective_groups (group_collectives), collectives (gpu_aot.collectives, each with
+  operand_shapes) and auto_candidates. With the host-side auto (moe.dispatch=auto,
+  train.auto_calibrate) each candidate strategy is compiled and the plan is the one
+  that needs the most memory.
   """
   from hiermoe_jax import gpu_aot
   from models.config import ConfigError
@@ -127,8 +129,18 @@ def make_plan(cfg, gpu: str, nodes: int, local: int) -> dict:
     raise ConfigError(f"--mesh={nodes}x{local} does not fit the config: {e}") from None
   model = Model(cfg, mesh)
   log = []  # XLA's warnings (e.g. remat could not get under the memory): in the report
+  auto = {}  # host-side auto: every strategy it may fix, each its own program
   with native_stderr(log):
-    compiled, seconds = compile_train_step(model)
+    if model.calibrating:
+      from hiermoe_jax import calibrate
+      for name in calibrate.candidates(cfg.moe, mesh):
+        variant = model.with_dispatch((name,) * len(model.moe_layers))
+        compiled, seconds = compile_train_step(variant)
+        auto[name] = (gpu_aot.memory(compiled, gpu), compiled, seconds)
+      # The plan is the candidate that needs the most memory: the run may fix any.
+      _, compiled, seconds = max(auto.values(), key=lambda v: v[0]["total_bytes"])
+    else:
+      compiled, seconds = compile_train_step(model)
   memory = gpu_aot.memory(compiled, gpu)
   found = with_operand_shapes(gpu_aot.collectives(compiled, mesh), compiled.as_text())
   return {
@@ -141,6 +153,9 @@ def make_plan(cfg, gpu: str, nodes: int, local: int) -> dict:
       "compiler_log": [line for line in log if not _DRIVER_NOISE.search(line)],
       "collective_groups": group_collectives(found),
       "collectives": found,
+      # moe.dispatch=auto decided on the host: total bytes per device of each candidate
+      # (the plan above is the largest); {} for a fixed strategy or the in-graph auto.
+      "auto_candidates": {name: m["total_bytes"] for name, (m, _, _) in auto.items()},
   }
 
 
