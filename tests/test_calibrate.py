@@ -184,8 +184,9 @@ def _decisions(records):
 def test_trainer_recompiles_only_when_its_choice_changes(monkeypatch, tmp_path, cache_dir):
   """Checked every step (auto_recheck_steps=1): noise keeps one program; a clear win on
   two checks in a row switches, one more compile; then noise again."""
-  # Scripted times of seconds: the checks' own few ms keep them within their budget.
-  noise, win = [times(1000.0, 1050.0)], [times(1000.0, 500.0)]
+  # Scripted times of ~17 minutes: the checks' own time (under 1 s even on a loaded
+  # machine) is far within their budget, so the budget never spaces them here.
+  noise, win = [times(1e6, 1.05e6)], [times(1e6, 0.5e6)]
   # start (before step 1, uniform routing), then after each step 1..5 (not after the last)
   _scripted(monkeypatch, [noise, noise, noise, win, win, noise])
   result = run(_tiny_auto(6), tmp_path, verbose=False)
