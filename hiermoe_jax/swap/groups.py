@@ -23,6 +23,7 @@ import itertools
 import numpy as np
 
 from hiermoe_jax.mesh import MeshShape
+from hiermoe_jax.swap.eplb import balanced_packing
 from hiermoe_jax.swap.search import SwapPlan, placement_time_ms, slice_price_ms
 
 EXACT_MATCH_LIMIT = 7  # labels matched by trying every permutation
@@ -34,16 +35,6 @@ def coselection(ids: np.ndarray, num_experts: int) -> np.ndarray:
   hits = np.zeros((flat.shape[0], num_experts), np.float32)
   np.put_along_axis(hits, flat, 1.0, axis=1)
   return (hits.T @ hits).astype(np.float64)
-
-
-def _lightest_first(loads: np.ndarray, order, units: int, room: int) -> np.ndarray:
-  """Unit of each item in `order`: heaviest first to the lightest unit with room."""
-  unit_of = np.zeros(loads.shape[0], np.int64)
-  total, count = np.zeros(units), np.zeros(units, np.int64)
-  for e in order:
-    unit = min((u for u in range(units) if count[u] < room), key=lambda u: (total[u], u))
-    unit_of[e], total[unit], count[unit] = unit, total[unit] + loads[e], count[unit] + 1
-  return unit_of
 
 
 def _by_load(loads: np.ndarray) -> np.ndarray:
@@ -66,17 +57,15 @@ def colocate_devices(cosel: np.ndarray, shape: MeshShape) -> np.ndarray:
     total[node] += loads[e]
     count[node] += 1
   device_of = np.zeros(num_experts, np.int64)
-  per_device = num_experts // shape.devices
   for node in range(shape.nodes):
     members = np.flatnonzero(node_of == node)
-    local = _lightest_first(loads, members[_by_load(loads[members])], shape.local, per_device)
-    device_of[members] = node * shape.local + local[members]
+    device_of[members] = node * shape.local + balanced_packing(loads[members], shape.local)
   return device_of
 
 
 def pack_devices(loads: np.ndarray, shape: MeshShape) -> np.ndarray:
   """Device label of each logical expert: loads packed evenly over devices."""
-  return _lightest_first(loads, _by_load(loads), shape.devices, loads.shape[0] // shape.devices)
+  return balanced_packing(loads, shape.devices)
 
 
 def _match(overlap: np.ndarray) -> np.ndarray:
