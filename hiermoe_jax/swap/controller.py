@@ -75,6 +75,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from hiermoe_jax.calibrate import slowest_process_ms
 from hiermoe_jax.mesh import AXES, MeshShape
 from hiermoe_jax.swap.migrate import EXPERTS_KEY, migrate_many
 from hiermoe_jax.swap.migrate import stats as migration_stats
@@ -256,7 +257,7 @@ class SwapController:
   def record_migration(self, ms: float, slices: int) -> float:
     """Folds one timed migration (wall ms, slices moved) into `slice_ms`; the max
     over processes, so all agree. Returns the agreed ms."""
-    ms = _max_over_processes(ms)
+    ms = slowest_process_ms(ms)
     if slices:
       per_slice = ms / slices
       self.slice_ms = per_slice if self.slice_ms is None else (
@@ -385,13 +386,6 @@ def _barrier() -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("hiermoe_jax.swap")
-
-
-def _max_over_processes(value: float) -> float:
-  if jax.process_count() == 1:
-    return float(value)
-  from jax.experimental import multihost_utils
-  return float(np.max(multihost_utils.process_allgather(np.float64(value))))
 
 
 def _swap_error(step: int, tree, cause: Exception) -> SwapError:
