@@ -306,9 +306,11 @@ def save_checkpoint(checkpointer: Checkpointer, step: int, state: TrainState, me
     raise NonFiniteError(f"step {step}: the train state holds NaN/Inf in {bad[0]}"
                          + (f" and {len(bad) - 1} more leaves" if len(bad) > 1 else "")
                          + f"; not checkpointing it (latest checkpoint: step {latest})")
-  windows = ({f"layer_{layer}": ids for layer, ids in controller.windows().items()}
-             if controller is not None else None)
-  checkpointer.save(step, state, {**meta, "data_position": step}, swap_windows=windows)
+  windows, meta = None, {**meta, "data_position": step}
+  if controller is not None:
+    windows = {f"layer_{layer}": ids for layer, ids in controller.windows().items()}
+    meta["swap_schedule"] = controller.schedule()
+  checkpointer.save(step, state, meta, swap_windows=windows)
 
 
 def check_layout(model: Model, checkpointer: Checkpointer) -> None:
@@ -332,8 +334,8 @@ def check_layout(model: Model, checkpointer: Checkpointer) -> None:
 
 def _resume(model: Model, checkpointer: Checkpointer, controller: SwapController | None,
             lead: bool) -> tuple[TrainState, int]:
-  """The newest checkpoint that reads back (its swap window restored into
-  `controller`), or a fresh state at step 0."""
+  """The newest checkpoint that reads back (its swap window and decision schedule
+  restored into `controller`), or a fresh state at step 0."""
   check_layout(model, checkpointer)
 
   def check(step, meta):
@@ -347,6 +349,8 @@ def _resume(model: Model, checkpointer: Checkpointer, controller: SwapController
   if controller is not None and restored.swap_windows:
     controller.restore_windows({int(key.removeprefix("layer_")): ids
                                 for key, ids in restored.swap_windows.items()})
+  if controller is not None and restored.meta.get("swap_schedule"):
+    controller.restore_schedule(restored.meta["swap_schedule"])
   return restored.state, step
 
 

@@ -2,14 +2,15 @@
 
   python scripts/launch.py --processes 2 --local-devices 4 -- \
       python tests/mp_worker_moe.py OUT.npz [STRATEGY ...]
-  python scripts/launch.py ... -- python tests/mp_worker_moe.py --swap OUT
+  python scripts/launch.py ... -- python tests/mp_worker_moe.py --swap OUT [TRACE.npz]
 
 The first runs the given dispatch strategies (default: all) on the
 (process_count x local_device_count) mesh with the inputs of `inputs()`, gathers
 each globally sharded output and, on process 0, writes them to OUT.npz keyed by
 strategy. tests/test_multiprocess.py imports `inputs`/`run` to compute the same
 thing in one process. The second runs `swap_decisions` and every process writes
-its own result to OUT.<process>.npz.
+its own result to OUT.<process>.npz; with TRACE.npz (hiermoe_jax.traces format) the
+routing of step s and layer L is the trace's, replayed as benchmarks replay it.
 """
 
 import sys
@@ -54,8 +55,14 @@ def run(mesh, strategies=None) -> dict[str, np.ndarray]:
 SWAP_LAYERS, SWAP_STEPS, SWAP_INTERVAL = 2, 6, 2
 
 
-def swap_routing(step: int, layer: int, devices: int, config) -> np.ndarray:
-  """Skewed logical ids [devices * TOKENS_PER_DEVICE, K] of one step and layer."""
+def swap_routing(step: int, layer: int, devices: int, config, trace=None) -> np.ndarray:
+  """Logical ids [devices * TOKENS_PER_DEVICE, K] of one step and layer: the trace
+  file's if given, else skewed synthetic ones."""
+  if trace is not None:
+    from hiermoe_jax import traces
+    ids_STK, _ = traces.load(trace, layer)
+    return traces.replay_step(ids_STK, step, devices=devices,
+                              tokens=TOKENS_PER_DEVICE).reshape(-1, config.top_k)
   from hiermoe_jax.bench import synthetic
   ids = synthetic.routing("zipf:1.5", devices=devices, tokens=TOKENS_PER_DEVICE,
                           num_experts=config.num_experts, top_k=config.top_k,
@@ -70,7 +77,7 @@ def swap_search_config(config):
                       d_ff=config.d_ff, migration=False, max_pairs=2)
 
 
-def swap_decisions(mesh) -> dict[str, np.ndarray]:
+def swap_decisions(mesh, trace=None) -> dict[str, np.ndarray]:
   """A SwapController over two layers, fed token-sharded routing ids (each process
   holds only its rows, so every decision needs the gathered statistics).
 
@@ -93,7 +100,7 @@ def swap_decisions(mesh) -> dict[str, np.ndarray]:
   history = {i: [] for i in range(SWAP_LAYERS)}
   for step in range(SWAP_STEPS):
     for layer in range(SWAP_LAYERS):
-      ids = swap_routing(step, layer, mesh.size, config)
+      ids = swap_routing(step, layer, mesh.size, config, trace)
       controller.observe(layer, jax.make_array_from_callback(ids.shape, rows,
                                                              lambda index: ids[index]))
     params, placements, _ = controller.maybe_swap(step + 1, params, placements)
@@ -130,9 +137,9 @@ def main(path: str, strategies: list[str]) -> None:
     print(f"wrote {sorted(out)} to {path}", flush=True)
 
 
-def main_swap(prefix: str) -> None:
+def main_swap(prefix: str, trace=None) -> None:
   import jax
-  out = swap_decisions(start())
+  out = swap_decisions(start(), trace)
   path = f"{prefix}.{jax.process_index()}.npz"
   np.savez(path, **out)
   print(f"wrote {path}", flush=True)
@@ -140,6 +147,6 @@ def main_swap(prefix: str) -> None:
 
 if __name__ == "__main__":
   if sys.argv[1] == "--swap":
-    main_swap(sys.argv[2])
+    main_swap(*sys.argv[2:4])
   else:
     main(sys.argv[1], sys.argv[2:])

@@ -7,8 +7,9 @@ loopback, once with each process in its own network namespace behind a 1gbit lin
 Only hier_dedup: it exercises both tiers, and each strategy costs ~10 s of
 compilation per run on a 2-core machine.
 
-Issue #6: expert-swap decisions taken in two processes from token-sharded routing
-are the same on both, and the same as one process deciding from all of it.
+Issue #6 and #17: expert-swap decisions taken in two processes from token-sharded
+routing replayed from a trace file are the same on both, and the same as one process
+deciding from all of it.
 """
 
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 import hiermoe_jax as hm
+from hiermoe_jax import traces
 from hiermoe_jax.cluster import netns
 from hiermoe_jax.swap import SwapController
 
@@ -76,13 +78,26 @@ def test_two_namespaced_nodes_behind_a_shaped_link_match_one(tmp_path, single_pr
               single_process)
 
 
-def test_two_processes_take_the_same_swap_decisions(tmp_path):
-  launch_worker("--swap", str(tmp_path / "swap"))
+def write_trace(path, config, steps=4, tokens=300):
+  """A skewed routing trace in the trainer's format: fewer steps than the run (replay
+  wraps around) and more tokens than the mesh holds (replay takes the first)."""
+  from hiermoe_jax.bench import synthetic
+  layers = {layer: synthetic.routing("zipf:1.5", devices=steps, tokens=tokens,
+                                     num_experts=config.num_experts, top_k=config.top_k,
+                                     seed=1000 + layer)
+            for layer in range(mp_worker_moe.SWAP_LAYERS)}
+  traces.save(path, layers, num_experts=config.num_experts)
+
+
+def test_two_processes_take_the_same_swap_decisions_from_a_trace(tmp_path):
+  config = hm.MoEConfig(**mp_worker_moe.CONFIG)
+  trace = tmp_path / "routing.npz"
+  write_trace(trace, config)
+  launch_worker("--swap", str(tmp_path / "swap"), str(trace))
   per_process = [load(tmp_path / f"swap.{rank}.npz") for rank in range(2)]
   check_equal(per_process[1], per_process[0])
 
   # One process deciding from all the ids, with the controller's own searches.
-  config = hm.MoEConfig(**mp_worker_moe.CONFIG)
   mesh = hm.make_mesh(nodes=2, local=4)
   controller = SwapController(mp_worker_moe.swap_search_config(config), mesh,
                               mp_worker_moe.SWAP_INTERVAL)
@@ -90,7 +105,8 @@ def test_two_processes_take_the_same_swap_decisions(tmp_path):
   decision = 0
   for step in range(mp_worker_moe.SWAP_STEPS):
     for layer in placements:
-      controller.observe(layer, mp_worker_moe.swap_routing(step, layer, mesh.size, config))
+      controller.observe(layer, mp_worker_moe.swap_routing(step, layer, mesh.size, config,
+                                                           trace))
     if not controller.due(step + 1):
       continue
     for layer, placement in placements.items():

@@ -4,6 +4,7 @@ and a training loop driven by it that follows the trajectory without swaps."""
 from __future__ import annotations
 
 import importlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -353,6 +354,16 @@ def test_interval_adapts_to_gain_over_migration():
     assert controller.intervals[-1] == (step, interval)
   with pytest.raises(ValueError, match="max_interval=1"):
     SwapController(search_config(), mesh, swap_interval=2, max_interval=1)
+  # The schedule a checkpoint carries: a fresh controller decides when this one would.
+  resumed = SwapController(search_config(max_pairs=1, migration=True), mesh,
+                           swap_interval=2, max_interval=16, expert_path=lambda layer: ())
+  resumed.restore_schedule(json.loads(json.dumps(controller.schedule())))
+  assert resumed.schedule() == controller.schedule() == {
+      "interval": 16, "next_decision": 46, "slice_ms": controller.slice_ms}
+  assert not resumed.due(45) and resumed.due(46)
+  narrower = SwapController(search_config(), mesh, swap_interval=2, max_interval=8)
+  narrower.restore_schedule(controller.schedule())
+  assert narrower.interval == 8  # clamped to the resumed run's max_interval
 
 
 def test_group_plan_moves_params_and_optimizer_state():

@@ -282,6 +282,11 @@ def test_resumed_swaps_decide_as_uninterrupted_ones(tmp_path):
             for r in read_metrics(run_dir)}
   whole = run(cfg, tmp_path / "whole", stop_after=8, verbose=False)
   run(cfg, tmp_path / "split", stop_after=EVERY, verbose=False)
+  checkpointer = Checkpointer(tmp_path / "split", keep=10)
+  try:  # the decision schedule travels in the step's JSON record
+    assert checkpointer.read_meta(EVERY)["swap_schedule"]["next_decision"] == 6
+  finally:
+    checkpointer.close()
   resumed = run(cfg, tmp_path / "split", stop_after=8 - EVERY, verbose=False)
   assert resumed.start_step == EVERY
   expected, got = swaps(tmp_path / "whole"), swaps(tmp_path / "split")

@@ -36,8 +36,10 @@ next comes after the taken plans' break-even steps (migration / saving per step;
 the soonest one), within [swap_interval, max_interval]; when nothing pays the
 interval doubles. With `SearchConfig.group_plans` a decision may re-place whole
 groups of experts (`groups.py`) instead of pairs, priced the same way. The
-chosen interval is host state, not checkpointed: a resumed run decides at its
-first step >= swap_interval.
+chosen interval, the next decision step and the measured price are host state that
+`schedule()` / `restore_schedule()` carry through a checkpoint (the trainer saves
+them in the step's JSON record), so a resumed run decides when the uninterrupted
+one would.
 
 Scanned stacks (`stacks`): a placement key may hold an [L, E] placement over
 [L, E, ...] leaves; each row is searched on its own layer's window, and the
@@ -217,6 +219,20 @@ class SwapController:
     self._windows = {layer: collections.deque(np.asarray(steps), maxlen=self.window)
                      for layer, steps in windows.items()}
 
+  def schedule(self) -> dict:
+    """The decision schedule as JSON: interval, next decision step, slice_ms."""
+    return {"interval": int(self.interval), "next_decision": int(self.next_decision),
+            "slice_ms": None if self.slice_ms is None else float(self.slice_ms)}
+
+  def restore_schedule(self, saved: Mapping[str, Any]) -> None:
+    """Takes back a `schedule()`; the interval is clamped to this controller's
+    [swap_interval, max_interval] (the run may resume with other settings)."""
+    interval = int(saved["interval"])
+    self.interval = min(max(interval, self.swap_interval), self.max_interval)
+    self.next_decision = int(saved["next_decision"])
+    if saved.get("slice_ms") is not None:
+      self.slice_ms = float(saved["slice_ms"])
+
   def due(self, step: int) -> bool:
     """Whether `maybe_swap(step, ...)` decides (step = optimizer steps done)."""
     if self.adaptive:
@@ -241,8 +257,8 @@ class SwapController:
   def _decided(self, step: int, taken: list[SwapPlan]) -> None:
     if self.adaptive:
       self.interval = self.next_interval(taken)
-      self.next_decision = step + self.interval
       self.intervals.append((step, self.interval))
+    self.next_decision = step + self.interval
 
   def plan(self, layer: Hashable, placement) -> SwapPlan | None:
     """One search on the layer's window (None if nothing was observed)."""
