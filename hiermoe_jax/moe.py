@@ -192,16 +192,9 @@ def device_step(config: MoEConfig, mesh: Mesh, tokens_per_device: int, *, profil
                            ragged=_use_ragged(config, mesh), comm_dtype=config.comm_dtype)
   return functools.partial(_device_step, dispatch=dispatch, caps=caps, pairs=pairs,
                            layout=layout, profile=profile, top_k=config.top_k,
-                           bytes_per_elem=_wire_bytes_per_elem(config),
+                           bytes_per_elem=wire.bytes_per_elem(config.d_model, config.dtype,
+                                                              config.comm_dtype),
                            chunks=config.overlap_chunks)
-
-
-def _wire_bytes_per_elem(config: MoEConfig) -> float:
-  """Bytes per row element over a dispatch + combine round trip, averaged (the cost
-  model prices both directions alike)."""
-  dispatch = wire.bytes_per_row(config.d_model, config.dtype, config.comm_dtype)
-  back = wire.combine_dtype(config.dtype, config.comm_dtype).itemsize * config.d_model
-  return (dispatch + back) / (2 * config.d_model)
 
 
 def load_profile(config: MoEConfig) -> cost.CostProfile | None:
@@ -268,6 +261,7 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
       # here: every input is sharded and the replicated outputs are explicit psums.
       check_vma=config.permute_impl != "pallas")
   dtype = jnp.dtype(config.dtype)
+  bytes_per_elem = wire.bytes_per_elem(config.d_model, dtype, config.comm_dtype)
   y_TD, (dropped, rows, peak, strategy_index, predicted) = step(
       x_TD.astype(dtype), slots_TK, routing.weights_TK, params["experts"])
   if config.shared_width:
@@ -287,7 +281,7 @@ def _moe_apply(params, x, placement, router_bias, *, config: MoEConfig, mesh: Me
       dropped=sum(dropped.values()),
       dropped_by_stage=dropped,
       rows=rows,
-      wire_bytes={k: v.astype(jnp.float32) * 2 * config.d_model * _wire_bytes_per_elem(config)
+      wire_bytes={k: v.astype(jnp.float32) * 2 * config.d_model * bytes_per_elem
                   for k, v in rows.items()},
       max_rows_per_peer=peak,
       dedup_rate={

@@ -152,6 +152,9 @@ class TrainConfig:
   swap_max_interval: int = 0
   swap_grow_pairs: bool = False  # more than swap_max_pairs while each further pair pays
   swap_groups: bool = False  # also price whole re-placements (co-location, load packing)
+  # ms per (token, expert) pair on the most loaded device: weighs compute imbalance
+  # against communication in a swap decision (0 = communication only, the paper's)
+  swap_compute_ms_per_pair: float = 0.0
   on_nan: str = "stop"  # NaN/Inf loss or gradients: "stop" the run or "skip" the update
   nan_skip_limit: int = 10  # on_nan=skip: stop after this many skips in a row (0 = never)
   drop_warning: float = 0.01  # warn when a layer drops more than this fraction of its pairs
@@ -193,6 +196,7 @@ class TrainConfig:
     check_bool("train.swap_migration_cost", self.swap_migration_cost, "true/false")
     check_bool("train.swap_grow_pairs", self.swap_grow_pairs, "true/false")
     check_bool("train.swap_groups", self.swap_groups, "true/false")
+    check_real("train.swap_compute_ms_per_pair", self.swap_compute_ms_per_pair, 0)
     if self.swap_max_interval and self.swap_max_interval < self.swap_interval:
       fail("train.swap_max_interval", self.swap_max_interval,
            f"must be 0 (fixed interval) or >= train.swap_interval={self.swap_interval}")

@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 import hiermoe_jax as hm
 from hiermoe_jax import cost as cost_lib
 from hiermoe_jax import validate
+from hiermoe_jax.dispatch import wire
 from hiermoe_jax.diagnostics import CapacityWarning, check_drop_counts
 from hiermoe_jax.errors import fail
 from hiermoe_jax.swap import SearchConfig, SwapController
@@ -124,10 +125,12 @@ def swap_controller(cfg: Config, model: Model) -> SwapController | None:
   search_config = SearchConfig(
       profile=cost_lib.load_profile(tc.swap_profile),  # TrainConfig checked it loads
       d_model=cfg.model.d_model, d_ff=cfg.moe.d_ff,
-      bytes_per_elem=np.dtype(cfg.model.dtype).itemsize,
+      bytes_per_elem=wire.bytes_per_elem(cfg.model.d_model, cfg.model.dtype,
+                                         cfg.moe.comm_dtype),  # the dtype on the wire
       param_bytes_per_elem=np.dtype(cfg.model.param_dtype).itemsize, optimizer_slots=2,
       steps_until_next_decision=tc.swap_interval, max_pairs=tc.swap_max_pairs,
       grow_pairs=tc.swap_grow_pairs, group_plans=tc.swap_groups,
+      compute_ms_per_pair=tc.swap_compute_ms_per_pair,
       migration=tc.swap_migration_cost)
   return SwapController(search_config, model.mesh, tc.swap_interval,
                         window=tc.swap_window or tc.swap_interval,

@@ -69,10 +69,8 @@ class Variant:
     return {"dispatch": wire.bytes_per_row(d_model, dtype, self.comm_dtype), "combine": back}
 
   def bytes_per_elem(self, d_model: int, dtype: str) -> float:
-    """Bytes per row element over a dispatch + combine round trip, averaged (as the
-    cost model prices both directions alike; moe.py does the same for `auto`)."""
-    row = self.bytes_per_row(d_model, dtype)
-    return (row["dispatch"] + row["combine"]) / (2 * d_model)
+    """Bytes per row element over a dispatch + combine round trip, averaged."""
+    return wire.bytes_per_elem(d_model, dtype, self.comm_dtype)
 
   def to_json(self) -> dict:
     return {"strategy": self.spec, "base_strategy": self.base, "fields": self.field_dict}

@@ -50,6 +50,13 @@ def bytes_per_row(d_model: int, activation, comm_dtype: str | None) -> int:
   return d_model * jnp.dtype(activation if comm_dtype is None else comm_dtype).itemsize
 
 
+def bytes_per_elem(d_model: int, activation, comm_dtype: str | None) -> float:
+  """Bytes per row element over a dispatch + combine round trip, averaged: what the
+  cost model prices, since it prices both directions alike (fp8: ~1.5)."""
+  back = combine_dtype(activation, comm_dtype).itemsize * d_model
+  return (bytes_per_row(d_model, activation, comm_dtype) + back) / (2 * d_model)
+
+
 def quantize(x_SD):
   """Per-row fp8: [S, D + 4] float8_e4m3fn, the last 4 bytes the row's f32 scale."""
   amax_S1 = jnp.max(jnp.abs(x_SD.astype(jnp.float32)), axis=-1, keepdims=True)

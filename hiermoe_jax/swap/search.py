@@ -55,7 +55,8 @@ class SearchConfig:
   profile: alpha-beta per stage kind (`cost.load_profile(...)`).
   d_model, d_ff: expert dims (activation rows are d_model wide; an expert holds
     3 matrices of d_model * d_ff).
-  bytes_per_elem: bytes per activation element in the all-to-all.
+  bytes_per_elem: bytes per activation element in the all-to-all, averaged over
+    dispatch and combine (`dispatch.wire.bytes_per_elem`: fractional for fp8).
   param_bytes_per_elem: bytes per weight / optimizer-state element.
   optimizer_slots: optimizer-state copies per weight that move with it (Adam: 2).
   steps_until_next_decision: steps over which a swap's per-step saving is earned.
@@ -79,7 +80,7 @@ class SearchConfig:
   profile: cost_lib.CostProfile
   d_model: int
   d_ff: int
-  bytes_per_elem: int = 4
+  bytes_per_elem: float = 4
   param_bytes_per_elem: int = 4
   optimizer_slots: int = 2
   steps_until_next_decision: int = 100
@@ -96,8 +97,8 @@ class SearchConfig:
     if not isinstance(self.profile, cost_lib.CostProfile):
       fail("SearchConfig.profile", self.profile,
            "must be a CostProfile (e.g. cost.load_profile('default'))")
-    for name, low in (("d_model", 1), ("d_ff", 1), ("bytes_per_elem", 1),
-                      ("param_bytes_per_elem", 1), ("optimizer_slots", 0),
+    check_real("SearchConfig.bytes_per_elem", self.bytes_per_elem, 0.0, strict=True)
+    for name, low in (("d_model", 1), ("d_ff", 1), ("param_bytes_per_elem", 1), ("optimizer_slots", 0),
                       ("steps_until_next_decision", 0), ("max_pairs", 0),
                     ("window_steps", 1)):
       check_int(f"SearchConfig.{name}", getattr(self, name), low)
