@@ -155,6 +155,8 @@ class TrainConfig:
   # ms per (token, expert) pair on the most loaded device: weighs compute imbalance
   # against communication in a swap decision (0 = communication only, the paper's)
   swap_compute_ms_per_pair: float = 0.0
+  # keep only the swaps that lower the modelled time with exact peaks (SearchConfig.exact_peaks)
+  swap_exact_peaks: bool = False
   on_nan: str = "stop"  # NaN/Inf loss or gradients: "stop" the run or "skip" the update
   nan_skip_limit: int = 10  # on_nan=skip: stop after this many skips in a row (0 = never)
   drop_warning: float = 0.01  # warn when a layer drops more than this fraction of its pairs
@@ -197,6 +199,7 @@ class TrainConfig:
     check_bool("train.swap_grow_pairs", self.swap_grow_pairs, "true/false")
     check_bool("train.swap_groups", self.swap_groups, "true/false")
     check_real("train.swap_compute_ms_per_pair", self.swap_compute_ms_per_pair, 0)
+    check_bool("train.swap_exact_peaks", self.swap_exact_peaks, "true/false")
     if self.swap_max_interval and self.swap_max_interval < self.swap_interval:
       fail("train.swap_max_interval", self.swap_max_interval,
            f"must be 0 (fixed interval) or >= train.swap_interval={self.swap_interval}")

@@ -130,7 +130,7 @@ def swap_controller(cfg: Config, model: Model) -> SwapController | None:
       param_bytes_per_elem=np.dtype(cfg.model.param_dtype).itemsize, optimizer_slots=2,
       steps_until_next_decision=tc.swap_interval, max_pairs=tc.swap_max_pairs,
       grow_pairs=tc.swap_grow_pairs, group_plans=tc.swap_groups,
-      compute_ms_per_pair=tc.swap_compute_ms_per_pair,
+      compute_ms_per_pair=tc.swap_compute_ms_per_pair, exact_peaks=tc.swap_exact_peaks,
       migration=tc.swap_migration_cost)
   return SwapController(search_config, model.mesh, tc.swap_interval,
                         window=tc.swap_window or tc.swap_interval,

@@ -124,7 +124,7 @@ RUN_CASES = {
               "swap_interval": "-1", "swap_window": "-1", "swap_max_pairs": "-1",
               "swap_profile": "", "swap_migration_cost": "maybe", "swap_max_interval": "-1",
               "swap_grow_pairs": "maybe", "swap_groups": "maybe", "on_nan": "maybe",
-              "swap_compute_ms_per_pair": "-0.5",
+              "swap_compute_ms_per_pair": "-0.5", "swap_exact_peaks": "maybe",
               "nan_skip_limit": "-1", "drop_warning": "1.5", "loss_chunk": "-1",
               "microbatches": "0", "auto_calibrate": "maybe", "auto_recheck_steps": "-1",
               "auto_margin": "1", "auto_drift": "0", "auto_budget": "0",

@@ -89,16 +89,20 @@ def test_incremental_loads_equal_recount_for_every_pair(shape, num_experts):
 
 
 def test_objective_is_smoothed_cost_model():
+  """The search ranks by the cost model with smooth peaks; a plan reports (and
+  predicted_time_ms gives) the cost model with the exact peaks."""
   shape = (2, 4)
   ids = random_ids(shape, 16, 4, 16, seed=5, skew=0.2)
   placement = np.random.default_rng(6).permutation(16)
-  cfg = config(compute_ms_per_pair=1e-3)
+  cfg = config(compute_ms_per_pair=1e-3, exact_peaks=True)
   l1, l2 = loop_loads(ids, placement, shape)
-  comm = cost.predict_from_peak_rows("hier_dedup", (smooth_max(l1), smooth_max(l2)), PROFILE,
-                                     MeshShape(*shape), cfg.d_model, cfg.bytes_per_elem)
   pairs_per_device = np.bincount(np.argsort(placement)[ids].ravel() // 2, minlength=8)
-  want = comm + cfg.compute_ms_per_pair * smooth_max(pairs_per_device)
-  np.testing.assert_allclose(predicted_time_ms(ids, placement, shape, cfg), want, rtol=1e-12)
+  for peak, got in ((smooth_max, swap_objectives(ids, placement, shape, cfg)[0]),
+                    (np.max, predicted_time_ms(ids, placement, shape, cfg))):
+    comm = cost.predict_from_peak_rows("hier_dedup", (peak(l1), peak(l2)), PROFILE,
+                                       MeshShape(*shape), cfg.d_model, cfg.bytes_per_elem)
+    want = comm + cfg.compute_ms_per_pair * peak(pairs_per_device)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
   # The smooth max tends to the max as g grows, and is the g-norm.
   x = np.array([3.0, 7.0, 7.0, 1.0])
   np.testing.assert_allclose(smooth_max(x, 10), np.sum(x ** 10) ** 0.1)
@@ -112,10 +116,11 @@ def test_pair_objectives_equal_recomputed_objective(compute_ms):
   placement = np.random.default_rng(8).permutation(num_experts)
   cfg = config(compute_ms_per_pair=compute_ms)
   now, after = swap_objectives(ids, placement, shape, cfg)
-  np.testing.assert_allclose(now, predicted_time_ms(ids, placement, shape, cfg), rtol=1e-12)
+  np.testing.assert_allclose(now, placement_time_ms(ids, placement, MeshShape(*shape), cfg,
+                                                    smooth=True), rtol=1e-12)
   for i in range(num_experts):
     for j in range(num_experts):
-      want = predicted_time_ms(ids, swapped(placement, i, j), shape, cfg)
+      want = swap_objectives(ids, swapped(placement, i, j), shape, cfg)[0]
       np.testing.assert_allclose(after[i, j], want, rtol=1e-9, err_msg=f"pair {(i, j)}")
 
 
@@ -223,6 +228,41 @@ def test_no_candidate_on_one_device_and_validation():
     config(max_pairs=-1)
 
 
+@pytest.mark.parametrize("mesh, tokens, seed, kept", [
+    ((2, 4), 64, 11, 2), ((2, 4), 64, 13, 0), ((4, 2), 128, 13, 2)])
+def test_exact_peaks_keep_the_prefix_that_pays(mesh, tokens, seed, kept):
+  """With exact_peaks, a plan is the prefix of the smooth greedy's pairs with the
+  largest net saving in the modelled time with exact peaks; it never reports a
+  smooth-only gain, and is empty when no prefix lowers that time. `kept`: the
+  prefix these routings give."""
+  shape, num_experts = MeshShape(*mesh), 16
+  ids = random_ids(mesh, tokens, 2, num_experts, seed=seed, skew=1.0 if tokens == 64 else 1.5)
+  placement = np.random.default_rng(seed + 1).permutation(num_experts)
+  smooth = search(ids, placement, shape, config(migration=False, max_pairs=6))
+  exact_cfg = config(migration=False, max_pairs=6, exact_peaks=True)
+  plan = search(ids, placement, shape, exact_cfg)
+  assert plan.pairs == smooth.pairs[:len(plan.pairs)]
+  times = [predicted_time_ms(ids, placement, shape, exact_cfg)]
+  current = placement.copy()
+  for i, j in smooth.pairs:
+    current = swapped(current, i, j)
+    times.append(predicted_time_ms(ids, current, shape, exact_cfg))
+  assert plan.time_before_ms == times[0]
+  best = int(np.argmin(times))  # free migration: the lowest exact time wins
+  assert len(smooth.pairs) > kept and len(plan.pairs) == kept
+  if times[best] < times[0]:
+    assert len(plan.pairs) == best and plan.time_after_ms == times[best] < times[0]
+  else:
+    assert not plan.changed and plan.time_after_ms == times[0]
+  # Every-token-picks-{0, 1, 7} on 2x2 (test_crafted_skew_finds_known_best_pair): moving
+  # 7 next to 0 and 1 frees node 0's senders, but node 1's still send every token to
+  # node 0, so the inter-node peak - what the exchange waits for - stays.
+  crafted = np.broadcast_to(np.array([0, 1, 7]), (4, 6, 3)).copy()
+  assert search(crafted, np.arange(8), (2, 2), config(migration=False)).changed
+  held = search(crafted, np.arange(8), (2, 2), config(migration=False, exact_peaks=True))
+  assert not held.changed
+
+
 def co_selected_groups(tokens=32, seed=0):
   """4x2 mesh, 16 experts, top-4: each token picks one group {g, g+4, g+8, g+12},
   which the identity placement spreads over all 4 nodes (3 inter-node rows a token)."""
@@ -235,7 +275,8 @@ def test_placement_time_is_the_objective_without_pair_deltas():
   placement = np.random.default_rng(22).permutation(16)
   for compute_ms in (0.0, 1e-3):
     cfg = config(compute_ms_per_pair=compute_ms, window_steps=2)
-    np.testing.assert_allclose(placement_time_ms(ids, placement, MeshShape(4, 2), cfg),
+    np.testing.assert_allclose(placement_time_ms(ids, placement, MeshShape(4, 2), cfg,
+                                                 smooth=True),
                                swap_objectives(ids, placement, (4, 2), cfg)[0], rtol=1e-12)
 
 

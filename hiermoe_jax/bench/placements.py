@@ -24,6 +24,8 @@ Synthetic routings (uniform, zipf:ALPHA) use bench_swap's drifting routing
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import json
 import pathlib
@@ -48,8 +50,9 @@ def swap_placement(observed, shape: MeshShape, num_experts: int, config: SearchC
   placement, swaps = np.arange(num_experts, dtype=np.int32), 0
   decisions = list(range(interval, len(observed) + 1, interval)) or [len(observed)]
   for done in decisions:
-    ids = np.concatenate(observed[max(0, done - window):done], axis=1)
-    plan = search(ids, placement, shape, config)
+    steps = observed[max(0, done - window):done]
+    plan = search(np.concatenate(steps, axis=1), placement, shape,
+                  dataclasses.replace(config, window_steps=len(steps)))
     placement, swaps = plan.placement, swaps + len(plan.pairs)
   return placement, swaps
 
@@ -95,14 +98,14 @@ def score(steps, placement, shape: MeshShape, num_experts: int, profile: cost.Co
 def compare(observed, held_out, shape: MeshShape, num_experts: int, *,
             profile: cost.CostProfile, d_model: int, d_ff: int, groups: int | None = None,
             interval: int = 4, window: int | None = None, max_pairs: int = 4,
-            migration: bool = False) -> dict:
+            migration: bool = False, exact_peaks: bool = False) -> dict:
   """{placement: {"observed": score, "held_out": score, ...}} on one mesh shape.
 
   observed, held_out: lists of int [A, T, K] logical ids per step (held_out may be
   empty)."""
   config = SearchConfig(profile=profile, d_model=d_model, d_ff=d_ff,
                         steps_until_next_decision=interval, max_pairs=max_pairs,
-                        migration=migration)
+                        migration=migration, exact_peaks=exact_peaks)
   loads = eplb.expert_load(np.stack(observed), num_experts)
   swapped, pairs = swap_placement(observed, shape, num_experts, config, interval=interval,
                                   window=window or interval)
@@ -149,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-pairs", type=positive_int, default=4, help="pairs per decision")
   p.add_argument("--migration-cost", action="store_true",
                  help="price migration (default free: placement quality only)")
+  p.add_argument("--exact-peaks", action="store_true",
+                 help="keep only swaps that lower the modelled time with exact peaks "
+                      "(SearchConfig.exact_peaks)")
   p.add_argument("--seed", type=cli.seed, default=0)
   p.add_argument("--json", type=cli.output_file, help="write the report here")
   return p
@@ -204,7 +210,8 @@ def run(args) -> dict:
     report["meshes"][f"{nodes}x{local}"] = compare(
         steps[:args.observe], steps[args.observe:], shape, args.experts, profile=profile,
         d_model=args.hidden, d_ff=args.ffn, groups=args.groups, interval=args.swap_interval,
-        window=args.window, max_pairs=args.max_pairs, migration=args.migration_cost)
+        window=args.window, max_pairs=args.max_pairs, migration=args.migration_cost,
+        exact_peaks=args.exact_peaks)
   return report
 
 

@@ -10,8 +10,9 @@ Objective of a placement (milliseconds per step):
              2 * (alpha_s + beta_s * group_s * smoothmax(loads_s) * D * bytes)
          + compute_ms_per_pair * smoothmax(pairs per device)
 
-exactly `cost.predict_from_peak_rows("hier_dedup", ...)` with the peak replaced
-by the smooth max `max(x) * (sum_i (x_i / max x)^g)^(1/g)` (= the g-norm), g = 10.
+for one step (a window of several: the mean over its steps), exactly
+`cost.predict_from_peak_rows("hier_dedup", ...)` with the peak replaced by the smooth
+max `max(x) * (sum_i (x_i / max x)^g)^(1/g)` (= the g-norm), g = 10.
 Loads (dropless, only rows that leave their device, as in `traffic.stats`):
   stage 1 `L1[s, n]`: distinct tokens of source device s with an expert on node
     n != node(s);
@@ -69,10 +70,17 @@ class SearchConfig:
   compute_ms_per_pair: weight of the compute-imbalance term, ms per (token,
     expert) pair on the most loaded device; 0 disables it (the paper's objective).
   smooth_g: exponent of the smooth max.
+  exact_peaks: a plan keeps only the prefix of its greedily chosen pairs whose
+    modelled time with the exact peaks falls by enough to pay, and reports exact
+    times. False (the default, the paper's search): trust the smooth objective,
+    which also falls when only entries below a peak do - on a real trace
+    (README, "Routing traces") it took 16 pairs that raised every step's modelled
+    time by 3-5%; several pairs together can also lower a peak no single pair moves.
   migration: price migration (False: free, for tests and for bounding the
     achievable gain).
-  window_steps: steps of routing concatenated along T in `topk_ids`; every time is
-    divided by it, so times and gains are per step (the controller sets it).
+  window_steps: steps of routing concatenated along T in `topk_ids` (the controller
+    sets it); the objective is the mean over them of each step's time, so times and
+    gains are per step and priced on each step's own peaks.
   slice_ms: measured wall ms to move one expert slice (weights and optimizer state)
     between devices, e.g. `SwapController`'s average over its migrations; None:
     price through the cost model (one stage moving `bytes_per_swap`).
@@ -89,6 +97,7 @@ class SearchConfig:
   group_plans: bool = False
   compute_ms_per_pair: float = 0.0
   smooth_g: float = 10.0
+  exact_peaks: bool = False
   migration: bool = True
   window_steps: int = 1
   slice_ms: float | None = None
@@ -106,7 +115,7 @@ class SearchConfig:
       check_real(f"SearchConfig.{name}", getattr(self, name), low)
     if self.slice_ms is not None:
       check_real("SearchConfig.slice_ms", self.slice_ms, 0.0)
-    for name in ("grow_pairs", "group_plans", "migration"):
+    for name in ("grow_pairs", "group_plans", "migration", "exact_peaks"):
       check_bool(f"SearchConfig.{name}", getattr(self, name))
 
   @property
@@ -258,22 +267,53 @@ def _compute_per_device(hits_TE, shape: MeshShape) -> np.ndarray:
   return hits_TE.sum(0, dtype=np.float64).reshape(shape.devices, -1).sum(1)
 
 
-def _time_ms(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig) -> float:
-  """The objective of the placement `hits_TE` was built with (ms per step), from
-  the loads alone (no pair deltas): equals `_objectives(...)[0]`."""
+def _steps(hits_TE, shape: MeshShape, tokens: int, steps: int):
+  """(hits, tokens) of each step of a window whose `steps` steps are concatenated
+  along T on every device: the a2a is paid per step, on that step's peak rows, so
+  the objective is the mean over steps, not the time of the window's summed loads
+  (whose peak can fall while every step's rises)."""
+  if steps == 1:
+    return [(hits_TE, tokens)]
+  if tokens % steps:
+    raise ValueError(f"a window of {steps} steps holds {tokens} tokens per device: "
+                     "not whole steps (SearchConfig.window_steps)")
+  per_step = tokens // steps
+  by_step = hits_TE.reshape(shape.devices, steps, per_step, hits_TE.shape[1])
+  return [(by_step[:, s].reshape(-1, hits_TE.shape[1]), per_step) for s in range(steps)]
+
+
+def _time_ms(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig, *,
+             smooth: bool | None = None) -> float:
+  """The modelled time of the placement `hits_TE` was built with (ms per step), from
+  the loads alone (no pair deltas). smooth=True: the search's objective, equal to
+  `_objectives(...)[0]`; False: with the exact peaks; None: as config.exact_peaks
+  prices plans."""
+  smooth = not config.exact_peaks if smooth is None else smooth
+
+  def peak(x):
+    return smooth_max(x, config.smooth_g) if smooth else float(np.max(x, initial=0.0))
   total = 0.0
-  for kind, hits, unit_E, units, valid in _tier_inputs(hits_TE, shape, tokens):
-    loads = np.sum(_unit_counts(hits, unit_E, units) > 0, axis=1).astype(np.float64)
-    total += _stage_time(kind, smooth_max(np.where(valid, loads, 0.0), config.smooth_g),
-                         config, shape)
-  if config.compute_ms_per_pair:
-    total += config.compute_ms_per_pair * smooth_max(_compute_per_device(hits_TE, shape),
-                                                     config.smooth_g)
+  for step_hits, step_tokens in _steps(hits_TE, shape, tokens, config.window_steps):
+    for kind, hits, unit_E, units, valid in _tier_inputs(step_hits, shape, step_tokens):
+      loads = np.sum(_unit_counts(hits, unit_E, units) > 0, axis=1).astype(np.float64)
+      total += _stage_time(kind, peak(np.where(valid, loads, 0.0)), config, shape)
+    if config.compute_ms_per_pair:
+      total += config.compute_ms_per_pair * peak(_compute_per_device(step_hits, shape))
   return float(total) / config.window_steps
 
 
 def _objectives(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig):
-  """(time now, time after swapping slots r and c [E, E]) in ms per step."""
+  """(time now, time after swapping slots r and c [E, E]) in ms per step: the mean
+  over the window's steps (`_steps`)."""
+  now, after = 0.0, 0.0
+  for step_hits, step_tokens in _steps(hits_TE, shape, tokens, config.window_steps):
+    step_now, step_after = _step_objectives(step_hits, shape, step_tokens, config)
+    now, after = now + step_now, after + step_after
+  return float(now) / config.window_steps, np.asarray(after, np.float64) / config.window_steps
+
+
+def _step_objectives(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig):
+  """(time now, [E, E] time after each swap) of one step's hits, in ms."""
   g = config.smooth_g
   now, after = 0.0, 0.0
   for kind, tier in zip(("inter", "intra"), _tiers(hits_TE, shape, tokens)):
@@ -298,8 +338,7 @@ def _objectives(hits_TE, shape: MeshShape, tokens: int, config: SearchConfig):
     pair = np.where(same, total, np.maximum(pair, 0.0))
     now = now + config.compute_ms_per_pair * scale * total ** (1 / g)
     after = after + config.compute_ms_per_pair * scale * pair ** (1 / g)
-  steps = config.window_steps
-  return float(now) / steps, np.asarray(after, np.float64) / steps
+  return now, after
 
 
 # --- public API --------------------------------------------------------------
@@ -330,11 +369,13 @@ def swapped_loads(topk_ids, placement, mesh_shape, i: int, j: int):
 
 
 def predicted_time_ms(topk_ids, placement, mesh_shape, config: SearchConfig) -> float:
-  """The objective of one placement (ms per step)."""
+  """The modelled all-to-all (+ compute term) time of one placement, ms per step, as
+  a plan's `time_before_ms` / `time_after_ms` report it (exact peaks, unless
+  config.exact_peaks is False)."""
   shape = _shape(mesh_shape)
-  placement = _placement(placement, np.asarray(topk_ids), shape)
-  return _objectives(_hits(topk_ids, placement, shape), shape,
-                     np.asarray(topk_ids).shape[1], config)[0]
+  ids = np.asarray(topk_ids)
+  placement = _placement(placement, ids, shape)
+  return placement_time_ms(ids, placement, shape, config)
 
 
 def swap_objectives(topk_ids, placement, mesh_shape, config: SearchConfig):
@@ -398,44 +439,74 @@ def _pays(gain: float, now: float, cost_ms: float, config: SearchConfig) -> bool
 
 
 def _pair_search(ids, placement, shape: MeshShape, config: SearchConfig) -> SwapPlan:
-  num_experts = placement.shape[0]
+  """Greedy rounds on the smooth objective (all pairs at once, `_objectives`), each
+  pair accepted while its smooth saving pays for its migration; then the plan keeps
+  the prefix of those pairs with the largest net saving by the modelled time with
+  exact peaks, and reports exact times. The smooth max falls when entries below the
+  peak do, which lets several pairs together lower a peak that no single pair
+  moves, but it also takes pairs that no exchange would feel: the exact time
+  decides what is kept (none, if no prefix lowers it enough)."""
+  num_experts, tokens = placement.shape[0], ids.shape[1]
   per_device = num_experts // shape.devices
   device_E = np.arange(num_experts) // per_device
   blocked = device_E[:, None] == device_E[None, :]
   blocked |= np.tril(np.ones((num_experts, num_experts), bool))  # keep i < j only
   current = placement.copy()
-  hits = _hits(ids, current, shape)
-  before, after = _objectives(hits, shape, ids.shape[1], config)
-  now, pairs, migration = before, [], 0.0
+  now, after = _objectives(_hits(ids, current, shape), shape, tokens, config)
+  before, pairs, costs = now, [], []
   rounds = num_experts // 2 if config.grow_pairs else config.max_pairs
   for round_ in range(rounds):
     if round_:  # statistics of the placement with the swaps accepted so far
-      now, after = _objectives(_hits(ids, current, shape), shape, ids.shape[1], config)
+      now, after = _objectives(_hits(ids, current, shape), shape, tokens, config)
     # Round to 12 significant digits so float noise cannot split exact ties.
     key = np.where(blocked, np.inf, np.round(after / max(now, 1e-30), 12))
     flat = int(np.argmin(key))
     if not np.isfinite(key.flat[flat]):
       break
     i, j = divmod(flat, num_experts)
-    gain = now - float(after[i, j])
     cost_ms = migration_ms(i, j, num_experts, shape, config)
-    if not _pays(gain, now, cost_ms, config):
+    if not _pays(now - float(after[i, j]), now, cost_ms, config):
       break
+    now = float(after[i, j])
     current[[i, j]] = current[[j, i]]
     pairs.append((i, j))
-    migration += cost_ms
-    now = float(after[i, j])
+    costs.append(cost_ms)
     blocked[[i, j], :] = True
     blocked[:, [i, j]] = True
-  return SwapPlan(placement=current, pairs=tuple(pairs), time_before_ms=float(before),
-                  time_after_ms=float(now), migration_ms=float(migration),
-                  bytes_to_move=len(pairs) * config.bytes_per_swap)
+  if not config.exact_peaks:
+    return SwapPlan(placement=current, pairs=tuple(pairs), time_before_ms=float(before),
+                    time_after_ms=float(now), migration_ms=float(sum(costs)),
+                    bytes_to_move=len(pairs) * config.bytes_per_swap)
+  # Exact times of every prefix of the accepted pairs; keep the best one that pays.
+  horizon = config.steps_until_next_decision
+  prefix, times = placement.copy(), []
+  for count in range(len(pairs) + 1):
+    if count:
+      i, j = pairs[count - 1]
+      prefix[[i, j]] = prefix[[j, i]]
+    times.append(_time_ms(_hits(ids, prefix, shape), shape, tokens, config))
+  migration = np.concatenate([[0.0], np.cumsum(costs)])
+  best = 0
+  for count in range(1, len(pairs) + 1):
+    gain = times[0] - times[count]
+    if (_pays(gain, times[0], migration[count], config)
+        and gain * horizon - migration[count] > (times[0] - times[best]) * horizon
+        - migration[best] + 1e-9 * times[0]):
+      best = count
+  kept = pairs[:best]
+  current = placement.copy()
+  for i, j in kept:
+    current[[i, j]] = current[[j, i]]
+  return SwapPlan(placement=current, pairs=tuple(kept), time_before_ms=float(times[0]),
+                  time_after_ms=float(times[best]), migration_ms=float(migration[best]),
+                  bytes_to_move=len(kept) * config.bytes_per_swap)
 
 
 def placement_time_ms(ids: np.ndarray, placement: np.ndarray, shape: MeshShape,
-                      config: SearchConfig) -> float:
-  """The objective of a checked placement (ms per step), loads only."""
-  return _time_ms(_hits(ids, placement, shape), shape, ids.shape[1], config)
+                      config: SearchConfig, *, smooth: bool | None = None) -> float:
+  """The modelled time of a checked placement (ms per step), loads only: as plans
+  report it (`_time_ms`; smooth=True: the search's objective)."""
+  return _time_ms(_hits(ids, placement, shape), shape, ids.shape[1], config, smooth=smooth)
 
 
 def _shape(mesh_shape) -> MeshShape:
