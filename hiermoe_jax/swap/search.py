@@ -75,7 +75,7 @@ class SearchConfig:
     times. False (the default, the paper's search): trust the smooth objective,
     which also falls when only entries below a peak do - on a real trace
     (README, "Routing traces") it took 16 pairs that raised every step's modelled
-    time by 3-5%; several pairs together can also lower a peak no single pair moves.
+    time by up to 6%; several pairs together can also lower a peak no single pair moves.
   migration: price migration (False: free, for tests and for bounding the
     achievable gain).
   window_steps: steps of routing concatenated along T in `topk_ids` (the controller
@@ -107,9 +107,9 @@ class SearchConfig:
       fail("SearchConfig.profile", self.profile,
            "must be a CostProfile (e.g. cost.load_profile('default'))")
     check_real("SearchConfig.bytes_per_elem", self.bytes_per_elem, 0.0, strict=True)
-    for name, low in (("d_model", 1), ("d_ff", 1), ("param_bytes_per_elem", 1), ("optimizer_slots", 0),
-                      ("steps_until_next_decision", 0), ("max_pairs", 0),
-                    ("window_steps", 1)):
+    for name, low in (("d_model", 1), ("d_ff", 1), ("param_bytes_per_elem", 1),
+                      ("optimizer_slots", 0), ("steps_until_next_decision", 0),
+                      ("max_pairs", 0), ("window_steps", 1)):
       check_int(f"SearchConfig.{name}", getattr(self, name), low)
     for name, low in (("compute_ms_per_pair", 0.0), ("smooth_g", 1.0)):
       check_real(f"SearchConfig.{name}", getattr(self, name), low)
