@@ -60,12 +60,20 @@ def slowest_process_ms(ms: float) -> float:
   return float(_slowest_process(np.array([[ms]], np.float64))[0, 0])
 
 
-def measure(steps: dict[str, Callable[[], object]], *, repeats: int = 5,
-            warmup: int = 1) -> dict[str, float]:
-  """Median ms per call of each step, interleaved (the order rotates every repeat,
-  cancelling drift on a shared machine); the same numbers on every process."""
-  check_int("repeats", repeats)
-  check_int("warmup", warmup, low=0)
+def barrier(tag: str) -> None:
+  """Every process waits here for the others (a no-op in one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(tag)
+
+
+def samples_ms(steps: dict[str, Callable[[], object]], *, repeats: int, warmup: int,
+               barrier_each: bool = False) -> dict[str, np.ndarray]:
+  """ms of every call of each step, [repeats] per step, interleaved: the order
+  rotates every repeat, cancelling drift on a shared machine. Each sample is the
+  slowest process's, so every process gets the same numbers. barrier_each: the
+  processes start every call together (cleaner samples for a benchmark, one more
+  round trip per call)."""
   names = list(steps)
   for _ in range(warmup):
     for name in names:
@@ -73,11 +81,22 @@ def measure(steps: dict[str, Callable[[], object]], *, repeats: int = 5,
   samples = {name: [] for name in names}
   for r in range(repeats):
     for name in names[r % len(names):] + names[:r % len(names)]:
+      if barrier_each:
+        barrier(f"hiermoe_jax.calibrate.{r}.{name}")
       t0 = time.perf_counter()
       jax.block_until_ready(steps[name]())
       samples[name].append((time.perf_counter() - t0) * 1e3)
   local = np.array([samples[name] for name in names], np.float64)
-  return {name: float(np.median(row)) for name, row in zip(names, _slowest_process(local))}
+  return dict(zip(names, _slowest_process(local)))
+
+
+def measure(steps: dict[str, Callable[[], object]], *, repeats: int = 5,
+            warmup: int = 1) -> dict[str, float]:
+  """Median ms per call of each step (`samples_ms`); the same on every process."""
+  check_int("repeats", repeats)
+  check_int("warmup", warmup, low=0)
+  return {name: float(np.median(row))
+          for name, row in samples_ms(steps, repeats=repeats, warmup=warmup).items()}
 
 
 @functools.cache

@@ -132,7 +132,7 @@ def run(args) -> dict | None:
   import optax
 
   import hiermoe_jax as hm
-  from hiermoe_jax import cost
+  from hiermoe_jax import calibrate, cost
   from hiermoe_jax.mesh import MeshShape
   from hiermoe_jax.swap import SearchConfig, SwapController
   from hiermoe_jax.swap.migrate import stats as migration_stats
@@ -185,7 +185,8 @@ def run(args) -> dict | None:
     fns[n] = (lambda f, s: lambda: f(x_g, s, w_g, x_g))(step_fn, slots_g)
     info[n] = {"hop_capacity": list(caps),
                "max_over_mean_rows": max_over_mean_rows(held_out, placement, shape.devices)}
-  ms = timed_lib.time_interleaved(fns, repeats=args.repeats, warmup=args.warmup)
+  ms = calibrate.samples_ms(fns, repeats=args.repeats, warmup=args.warmup,
+                            barrier_each=True)
   median = {n: float(np.median(ms[n])) for n in fns}
   last = len(visited) - 1
   report = {name: {"time_ms": median[n], **timed_lib.summary(ms[n]), **info[n]}

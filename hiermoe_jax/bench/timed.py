@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Callable
 
 import numpy as np
 
-from hiermoe_jax import cost, traffic
+from hiermoe_jax import calibrate, cost, traffic
 from hiermoe_jax.bench import variants as variants_lib
 from hiermoe_jax.cluster import distributed
 from hiermoe_jax.config import ConfigError
@@ -242,45 +241,6 @@ def gspmd_step(mesh, *, group: int, capacity: int, num_experts: int,
 
 # ----------------------------------------------------------------------------- timing
 
-def _barrier(tag: str) -> None:
-  import jax
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(tag)
-
-
-def _block(out) -> None:
-  import jax
-  jax.block_until_ready(out)
-
-
-def time_interleaved(steps: dict[str, Callable[[], object]], *, repeats: int,
-                     warmup: int) -> dict[str, np.ndarray]:
-  """ms per call of each step; the order rotates every repeat.
-
-  Multi-process: a barrier precedes each call and each sample is the max over
-  processes (the slowest process sets a collective's time).
-  """
-  import jax
-  names = list(steps)
-  for i in range(warmup):
-    for name in names:
-      _block(steps[name]())
-  samples = {name: [] for name in names}
-  for r in range(repeats):
-    order = names[r % len(names):] + names[: r % len(names)]
-    for name in order:
-      _barrier(f"t{r}{name}")
-      t0 = time.perf_counter()
-      _block(steps[name]())
-      samples[name].append((time.perf_counter() - t0) * 1e3)
-  local = np.array([samples[n] for n in names], np.float64)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    local = np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
-  return {name: local[i] for i, name in enumerate(names)}
-
-
 def summary(ms: np.ndarray) -> dict:
   return {"min": float(np.min(ms)), "median": float(np.median(ms)), "max": float(np.max(ms))}
 
@@ -329,7 +289,7 @@ def benchmark(mesh, ids_ATK: np.ndarray, *, strategies: list, num_experts: int,
                          comm_dtype=variant.comm_dtype, chunks=variant.chunks)
       info[variant.spec] = {"hop_capacity": list(caps), "overlap_chunks": variant.chunks}
     steps[variant.spec] = functools.partial(fn, x_g, slots_g, w_g, ct_g)
-  times = time_interleaved(steps, repeats=repeats, warmup=warmup)
+  times = calibrate.samples_ms(steps, repeats=repeats, warmup=warmup, barrier_each=True)
   for spec, ms in times.items():
     info[spec]["time_ms"] = summary(ms)
     info[spec]["samples_ms"] = [float(v) for v in ms]
@@ -411,7 +371,7 @@ def fit_profile(mesh, *, d_model: int, dtype: str, max_bytes: int, points: int,
       key = f"{kind}:{rows}"
       steps[key] = functools.partial(fn, *args)
       meta[key] = (kind, cost.stage_bytes(group, rows, d_model, bpe))
-  times = time_interleaved(steps, repeats=repeats, warmup=warmup)
+  times = calibrate.samples_ms(steps, repeats=repeats, warmup=warmup, barrier_each=True)
   stages, details = {}, {}
   for kind in cost.STAGE_KINDS:
     keys = [k for k in steps if meta[k][0] == kind]

@@ -77,7 +77,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from hiermoe_jax.calibrate import slowest_process_ms
+from hiermoe_jax.calibrate import barrier, slowest_process_ms
 from hiermoe_jax.mesh import AXES, MeshShape
 from hiermoe_jax.swap.migrate import EXPERTS_KEY, migrate_many
 from hiermoe_jax.swap.migrate import stats as migration_stats
@@ -292,7 +292,7 @@ class SwapController:
     moves = self._moves(tree, placements, swapped)
     tree = migrate_many(tree, moves, self.mesh, expert_axes=self.shape.axes)
     jax.block_until_ready(tree)
-    _barrier()
+    barrier("hiermoe_jax.swap")
     compile_s, t0 = migration_stats.compile_s, time.perf_counter()
     tree = migrate_many(tree, self._moves(tree, swapped, placements), self.mesh,
                         expert_axes=self.shape.axes)
@@ -334,7 +334,7 @@ class SwapController:
       return tree, placements, []
     new_placements = self._applied(placements, {layer: plan for layer, plan, _ in changes})
     moves = self._moves(tree, placements, new_placements)
-    _barrier()  # peers may still be searching: time the migration only
+    barrier("hiermoe_jax.swap")  # peers may still be searching: time the migration only
     compile_s = migration_stats.compile_s
     t0 = time.perf_counter()
     try:
@@ -396,12 +396,6 @@ class SwapController:
         continue
       moves.append((placement, new, select))
     return moves
-
-
-def _barrier() -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("hiermoe_jax.swap")
 
 
 def _swap_error(step: int, tree, cause: Exception) -> SwapError:
