@@ -1,12 +1,17 @@
-"""Every test process sees 8 simulated CPU devices (set before JAX starts); the
-trainer tests share one persistent compilation cache (`cache_dir`)."""
+"""Every test process sees 8 simulated CPU devices (set before JAX starts) and compiles
+without LLVM's expensive optimization passes; the trainer tests share one persistent
+compilation cache (`cache_dir`)."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# CPU devices only: with the CUDA plugin installed (the gpu-aot extra) and no local
-# CUDA, JAX registers the plugin for compile-only devices only when cuda is excluded.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's time is mostly XLA compiling tiny programs for the CPU; LLVM's expensive
+# passes are ~40% of it. The HLO passes (fusion, sharding, buffer assignment, the GPU
+# scheduler) are unchanged: the same programs, slower machine code. Subprocesses that
+# set their own XLA_FLAGS keep it through helpers.xla_flags.
+FAST_COMPILE_FLAG = "--xla_llvm_disable_expensive_passes=true"
+if "xla_llvm_disable_expensive_passes" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAG
 
 import pytest  # noqa: E402
 

@@ -104,6 +104,15 @@ def bruteforce_kept(config, mesh, tokens_per_device):
   return kept_fn
 
 
+def xla_flags(devices: int = 8) -> str:
+  """XLA_FLAGS for a subprocess of the suite: `devices` simulated CPU devices and this
+  process's other XLA flags (conftest's compile flags), so that it compiles the same
+  programs and shares their persistent-cache entries."""
+  count = "--xla_force_host_platform_device_count"
+  rest = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+  return " ".join([f"{count}={devices}", *rest])
+
+
 def shared_dir(tmp_path_factory) -> pathlib.Path:
   """A directory of this pytest session that every xdist worker sees."""
   base = tmp_path_factory.getbasetemp()

@@ -13,7 +13,7 @@ from hiermoe_jax import cost
 from hiermoe_jax.bench import synthetic
 from hiermoe_jax.bench import timed
 from hiermoe_jax.mesh import MeshShape
-from tests.helpers import mesh_of
+from tests.helpers import mesh_of, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("flat", "flat_dedup", "hier", "hier_dedup", "gspmd")
@@ -93,7 +93,7 @@ def test_fit_sweep_reaches_small_messages():
 
 
 def _run_cli(tmp_path, *extra):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(),
              JAX_PLATFORMS="cpu")
   out = tmp_path / "bench.json"
   cmd = [sys.executable, str(ROOT / "scripts" / "bench_comm.py"), "--mesh", "2x4",

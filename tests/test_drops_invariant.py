@@ -84,6 +84,17 @@ def test_a_permuted_placement_equals_the_identity(strategy):
   assert_trees_close(grads, grads_id)
 
 
+@functools.cache
+def _reference_runner(config):
+  """jit of (params, x, kept, cot) -> ((loss, y), grads wrt params and x) of the dense
+  reference with the kept pairs `kept`. The reference has no dispatch strategy: the
+  strategies' tests share one program (config with dispatch='flat')."""
+  def ref_loss(params, x, kept, cot):
+    y = hm.reference_moe(params, x, config, kept_TK=kept)
+    return jnp.sum(y * cot), y
+  return jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1), has_aux=True))
+
+
 def _assert_reference_pairs(config, mesh, y, aux, grads):
   """The kept pairs are the brute-force first C per (device, logical expert): y and
   the gradients equal the dense reference with exactly those pairs."""
@@ -94,12 +105,8 @@ def _assert_reference_pairs(config, mesh, y, aux, grads):
   kept = jnp.asarray(np.array(keep_first(ids.reshape(8, TOKENS, -1).tolist(), cap))
                      .reshape(ids.shape))
   assert int(aux.dropped) == int(np.sum(~kept))
-
-  def ref_loss(params, x):
-    y = hm.reference_moe(params, x, config, kept_TK=kept)
-    return jnp.sum(y * cot), y
-  (_, y_ref), grads_ref = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1), has_aux=True))(
-      params, x)
+  (_, y_ref), grads_ref = _reference_runner(config.replace(dispatch="flat"))(
+      params, x, kept, cot)
   assert_trees_close(y, y_ref)
   assert_trees_close(grads, grads_ref)
 

@@ -27,6 +27,7 @@ from hiermoe_jax.config import ConfigError
 from models import cli as train_cli
 from models import config as run_config
 from models import plot_metrics
+from helpers import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -375,7 +376,7 @@ CUDA_PLUGIN_LOG = re.compile(r"cudart_stub\.cc:\d+\] Could not find cuda drivers
 
 def test_no_traceback_reaches_the_shell(tmp_path):
   """The scripts' own entry points (`sys.exit(main())`), run concurrently."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags()}
   commands = {
       "moe.capacity_factor=inf": ["scripts/train.py", "--config", str(TINY), "--run-dir",
                                   str(tmp_path / "run"), "--set", "moe.capacity_factor=inf"],

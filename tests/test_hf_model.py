@@ -24,7 +24,7 @@ from flax import nnx
 pytest.importorskip("safetensors")
 
 from hiermoe_jax.errors import ConfigError  # noqa: E402
-from helpers import mesh_of  # noqa: E402
+from helpers import mesh_of, xla_flags  # noqa: E402
 from models import data as data_lib  # noqa: E402
 from models import hf  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
@@ -379,7 +379,8 @@ def test_convert_then_train_continues(tmp_path, capsys, cache_dir):
   write_tokenizer(hf_dir)
   corpus = tmp_path / "corpus.txt"
   corpus.write_text(text_corpus())
-  sets = ["--set", "train.seq_len=16", "--set", "train.batch_size=8", "--set", "train.steps=2"]
+  sets = ["--set", "train.seq_len=16", "--set", "train.batch_size=8", "--set", "train.steps=2",
+          "--set", "train.eval_every=0"]  # no eval step to compile: the losses are checked
   assert hf.main(["--hf-dir", str(hf_dir), "--run-dir", str(run_dir), "--mesh", "2x4",
                   *sets]) == 0
   assert (run_dir / "checkpoints" / "0").is_dir()
@@ -537,7 +538,7 @@ def test_readme_commands_run(tmp_path):
   (corpus / "b.txt").write_text(text_corpus(seed=3))
   swaps = {"ckpt/Qwen3-30B-A3B": str(hf_dir), "runs/qwen3": str(run_dir),
            "my_corpus/": f"{corpus}/", "--mesh 4x8": "--mesh 2x4", "--steps 1000": "--steps 2"}
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+  env = {"XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu",
          "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
   ran = 0
   for command in commands:

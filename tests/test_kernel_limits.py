@@ -33,6 +33,7 @@ needs_plugin = pytest.mark.skipif(
 
 from hiermoe_jax import gpu_aot  # noqa: E402
 from pallas_kernels import PermuteConfig, permute, unpermute  # noqa: E402
+from helpers import xla_flags  # noqa: E402
 
 T, TOP_K, CAPACITY_FACTOR = 32_768, 8, 1.25
 S = int(T * TOP_K * CAPACITY_FACTOR)  # 327,680 rows of one dispatch buffer
@@ -111,7 +112,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
   out = tmp_path / "gpu_check.json"
   repo = pathlib.Path(__file__).resolve().parents[1]
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+         "XLA_FLAGS": xla_flags(2)}
   proc = subprocess.run([sys.executable, str(repo / "scripts" / "gpu_check.py"), "--json",
                          str(out)], env=env, capture_output=True, text=True, timeout=120,
                         check=False)

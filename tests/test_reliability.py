@@ -25,6 +25,7 @@ from models.config import ConfigError, load_config
 from models.metrics import read_metrics
 from models.steps import Model
 from models.train_loop import NonFiniteError, run, run_mesh, save_checkpoint
+from helpers import xla_flags
 from test_train import ROOT, TINY
 
 STEPS = 30  # runs stop (or are stopped) well before it
@@ -83,7 +84,7 @@ class Cli:
 
   def __init__(self, run_dir, cache_dir, *args):
     self.log = run_dir.parent / f"{run_dir.name}.{time.monotonic_ns()}.stderr"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(),
            "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(TINY),

@@ -28,7 +28,7 @@ from models.config import load_config
 from models.metrics import read_metrics
 from models.train_loop import expert_sites, run
 from models.transformer import layer_state
-from helpers import shared_dir
+from helpers import shared_dir, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -106,7 +106,7 @@ def test_kill_then_resume_follows_the_same_trajectory(reference, tmp_path, cache
   """SIGKILL the CLI mid-run, resume in-process: same losses and final state, bit for bit."""
   ref_dir = reference
   run_dir = tmp_path / "killed"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": xla_flags(),
          "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(TINY),
