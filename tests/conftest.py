@@ -5,6 +5,9 @@ compilation cache (`cache_dir`)."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# CPU devices only: with the CUDA plugin installed (the gpu-aot extra) and no local
+# CUDA, JAX registers the plugin for compile-only devices only when cuda is excluded.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's time is mostly XLA compiling tiny programs for the CPU; LLVM's expensive
 # passes are ~40% of it. The HLO passes (fusion, sharding, buffer assignment, the GPU
 # scheduler) are unchanged: the same programs, slower machine code. Subprocesses that
