@@ -24,9 +24,8 @@ Synthetic routings (uniform, zipf:ALPHA) use bench_swap's drifting routing
 
 from __future__ import annotations
 
-import dataclasses
-
 import argparse
+import dataclasses
 import json
 import pathlib
 

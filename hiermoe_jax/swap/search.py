@@ -453,7 +453,7 @@ def _pair_search(ids, placement, shape: MeshShape, config: SearchConfig) -> Swap
   blocked |= np.tril(np.ones((num_experts, num_experts), bool))  # keep i < j only
   current = placement.copy()
   now, after = _objectives(_hits(ids, current, shape), shape, tokens, config)
-  before, pairs, costs = now, [], []
+  before, pairs, costs, prefixes = now, [], [], [placement.copy()]
   rounds = num_experts // 2 if config.grow_pairs else config.max_pairs
   for round_ in range(rounds):
     if round_:  # statistics of the placement with the swaps accepted so far
@@ -471,6 +471,7 @@ def _pair_search(ids, placement, shape: MeshShape, config: SearchConfig) -> Swap
     current[[i, j]] = current[[j, i]]
     pairs.append((i, j))
     costs.append(cost_ms)
+    prefixes.append(current.copy())
     blocked[[i, j], :] = True
     blocked[:, [i, j]] = True
   if not config.exact_peaks:
@@ -479,12 +480,7 @@ def _pair_search(ids, placement, shape: MeshShape, config: SearchConfig) -> Swap
                     bytes_to_move=len(pairs) * config.bytes_per_swap)
   # Exact times of every prefix of the accepted pairs; keep the best one that pays.
   horizon = config.steps_until_next_decision
-  prefix, times = placement.copy(), []
-  for count in range(len(pairs) + 1):
-    if count:
-      i, j = pairs[count - 1]
-      prefix[[i, j]] = prefix[[j, i]]
-    times.append(_time_ms(_hits(ids, prefix, shape), shape, tokens, config))
+  times = [_time_ms(_hits(ids, prefix, shape), shape, tokens, config) for prefix in prefixes]
   migration = np.concatenate([[0.0], np.cumsum(costs)])
   best = 0
   for count in range(1, len(pairs) + 1):
@@ -494,10 +490,7 @@ def _pair_search(ids, placement, shape: MeshShape, config: SearchConfig) -> Swap
         - migration[best] + 1e-9 * times[0]):
       best = count
   kept = pairs[:best]
-  current = placement.copy()
-  for i, j in kept:
-    current[[i, j]] = current[[j, i]]
-  return SwapPlan(placement=current, pairs=tuple(kept), time_before_ms=float(times[0]),
+  return SwapPlan(placement=prefixes[best], pairs=tuple(kept), time_before_ms=float(times[0]),
                   time_after_ms=float(times[best]), migration_ms=float(migration[best]),
                   bytes_to_move=len(kept) * config.bytes_per_swap)
 
