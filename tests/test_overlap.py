@@ -22,9 +22,7 @@ def _value_and_grads(config, mesh, params, x, placement, bias):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
 
-# auto (in-graph, it runs one of these four) is checked chunked with capacity drops in
-# tests/test_drops_invariant.py; each of the four is checked there too.
-@pytest.mark.parametrize("strategy", ["flat", "flat_dedup", "hier", "hier_dedup"])
+@pytest.mark.parametrize("strategy", ["flat", "flat_dedup", "hier", "hier_dedup", "auto"])
 def test_chunked_equals_unchunked_dropless(strategy):
   mesh = mesh_of("2x4")
   config = router_config("sigmoid_grouped", dispatch=strategy)
