@@ -189,7 +189,8 @@ def device_step(config: MoEConfig, mesh: Mesh, tokens_per_device: int, *, profil
           for name in names}
   pairs = None if config.dropless else caps[names[0]].pairs  # the same for every strategy
   layout = exchange.Layout(shape, config.num_experts, config.permute_impl, config.expert_compute,
-                           ragged=_use_ragged(config, mesh), comm_dtype=config.comm_dtype)
+                           ragged=_use_ragged(config, mesh), comm_dtype=config.comm_dtype,
+                           per_peer_blocks=exchange.Layout.per_peer_blocks_for(mesh))
   return functools.partial(_device_step, dispatch=dispatch, caps=caps, pairs=pairs,
                            layout=layout, profile=profile, top_k=config.top_k,
                            bytes_per_elem=wire.bytes_per_elem(config.d_model, config.dtype,

@@ -157,7 +157,8 @@ def exchange_step(mesh, strategy: str | Strategy, hop_caps: tuple[int, ...], num
   import jax
   import jax.numpy as jnp
   shape = MeshShape.of(mesh)
-  layout = exchange.Layout(shape, num_experts, comm_dtype=comm_dtype)
+  layout = exchange.Layout(shape, num_experts, comm_dtype=comm_dtype,
+                           per_peer_blocks=exchange.Layout.per_peer_blocks_for(mesh))
   strat = get_strategy(strategy) if isinstance(strategy, str) else strategy
 
   def device(x_TD, slots_TK, w_TK):
@@ -182,7 +183,8 @@ def auto_step(mesh, caps_by_name: dict, num_experts: int, profile, *, top_k: int
   import jax
   from hiermoe_jax.dispatch import auto
   shape = MeshShape.of(mesh)
-  layout = exchange.Layout(shape, num_experts)
+  layout = exchange.Layout(shape, num_experts,
+                           per_peer_blocks=exchange.Layout.per_peer_blocks_for(mesh))
 
   def body(strategy, x_TD, slots_TK, w_TK):
     return _exchange_only(strategy, x_TD, slots_TK, w_TK, hop_caps=caps_by_name[strategy.name],

@@ -32,7 +32,7 @@ from hiermoe_jax.dispatch import wire
 from hiermoe_jax.dispatch.assign import assign, entry_targets_IMP
 from hiermoe_jax.dispatch.base import Strategy, peer_along, tier_peers
 from hiermoe_jax.mesh import MeshShape
-from hiermoe_jax.permute import permute, unpermute
+from hiermoe_jax.permute import permute_blocks, unpermute_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +44,21 @@ class Layout:
   expert_compute: str = "einsum"
   ragged: bool = False  # send only filled rows with jax.lax.ragged_all_to_all (GPU/TPU)
   comm_dtype: str | None = None  # dispatch rows on the wire (wire.py); None: their dtype
+  # Gather and scatter-add each peer's block of a hop on its own (`per_peer_blocks`).
+  per_peer_blocks: bool = False
 
   @property
   def experts_per_device(self) -> int:
     return self.num_experts // self.shape.devices
+
+  @staticmethod
+  def per_peer_blocks_for(mesh) -> bool:
+    """XLA:CPU splits an all-to-all into one operand per peer, so per-peer gathers feed
+    it directly (docs/design.md, section 4); XLA:GPU sends one buffer, which per-peer
+    gathers would only copy once more (measured on a deviceless H200 compile)."""
+    devices = getattr(mesh, "devices", None)  # an AbstractMesh has none: the default backend
+    platform = devices.flat[0].platform if devices is not None else jax.default_backend()
+    return platform == "cpu"
 
   def peer_of(self, slots, tier: str):
     """Destination peer, along `tier`, of physical expert slots."""
@@ -88,8 +99,10 @@ def _exchange(buf_SD, send_P, recv_P, axes, peers: int, ragged: bool):
       jnp.full((peers,), me * capacity, jnp.int32), recv_P, axis_name=axes)
 
 
-def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: Layout):
-  """One all-to-all over `tier`. Returns received rows, their metadata, plan, stats."""
+def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: Layout,
+         first: bool):
+  """One all-to-all over `tier` (`first`: rows_RD are the device's own tokens).
+  Returns received rows, their metadata, plan, stats."""
   peers = tier_peers(tier, layout.shape)
   peer_IM = layout.peer_of(slots_IM, tier)
   entry_IMP = entry_targets_IMP(slots_IM, peer_IM, peers)
@@ -100,7 +113,13 @@ def _hop(rows_RD, item_src_I, slots_IM, w_IM, tier: str, capacity: int, layout: 
   filled_S = table_S >= 0
   safe_S = jnp.where(filled_S, table_S, 0)
   send_src_S = jnp.where(filled_S, item_src_I[safe_S], -1)
-  send_rows_SD = permute(rows_RD, send_src_S, impl=layout.permute_impl)
+  # With per_peer_blocks the first hop gathers each peer's block on its own (slices of
+  # that concatenate fold into the all-to-all's per-peer operands: the buffer is written
+  # once). A later hop gathers from the blocks the previous hop received; per-peer
+  # gathers there would first copy those into one array, so it gathers once.
+  send_rows_SD = permute_blocks(rows_RD, send_src_S,
+                                blocks=peers if first and layout.per_peer_blocks else 1,
+                                impl=layout.permute_impl)
   # Keep only the entries that belong to the peer each slot is sent to.
   peer_S = jnp.arange(table_S.shape[0], dtype=jnp.int32) // capacity
   slots_SM = slots_IM[safe_S]
@@ -138,10 +157,9 @@ def _unhop(y_SD, plan: HopPlan, tier: str, layout: Layout):
   else:
     back_SD = wire.carry(y_SD.astype(on_wire), functools.partial(_all_to_all, axes=axes),
                          raw_bits=True)
-  back_SD = back_SD.astype(y_SD.dtype)
-  ones_S = jnp.ones(back_SD.shape[:1], back_SD.dtype)
-  return unpermute(back_SD, plan.send_src_S, ones_S, num_tokens=plan.num_rows,
-                   impl=layout.permute_impl)
+  return unpermute_blocks(back_SD.astype(y_SD.dtype), plan.send_src_S,
+                          blocks=peers if layout.per_peer_blocks else 1,
+                          num_tokens=plan.num_rows, impl=layout.permute_impl)
 
 
 class Handle(NamedTuple):
@@ -173,7 +191,7 @@ def dispatch(x_TD, slots_TK, w_TK, strategy: Strategy, *, capacities: tuple[int,
     for tier, capacity in zip(strategy.tiers, capacities):
       with jax.named_scope(tier):
         rows_RD, slots_IM, w_IM, plan, hop_stats = _hop(rows_RD, item_src, slots_IM, w_IM, tier,
-                                                        capacity, layout)
+                                                        capacity, layout, first=not plans)
       item_src = jnp.arange(rows_RD.shape[0], dtype=jnp.int32)
       plans.append(plan)
       stats.append(hop_stats)
