@@ -44,7 +44,8 @@ class Layout:
   expert_compute: str = "einsum"
   ragged: bool = False  # send only filled rows with jax.lax.ragged_all_to_all (GPU/TPU)
   comm_dtype: str | None = None  # dispatch rows on the wire (wire.py); None: their dtype
-  # Gather and scatter-add each peer's block of a hop on its own (`per_peer_blocks`).
+  # Gather and scatter-add each peer's block of a hop on its own (CPU meshes:
+  # `per_peer_blocks_for`).
   per_peer_blocks: bool = False
 
   @property
